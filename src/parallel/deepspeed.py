@@ -1,0 +1,110 @@
+"""DeepSpeed ZeRO engine (stage 3 by default): parameters, gradients and optimizer states sharded over ranks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from src.parallel.engine import apply_activation_checkpointing, check_precision, latest_tag
+
+log = logging.getLogger(__name__)
+
+
+def _import_deepspeed():
+    """Import DeepSpeed, pointing it at the CPU accelerator when there is no GPU (gloo tests, the CPU demo)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+class DeepSpeedEngine:
+    """ZeRO-sharded training of `model` with a client (PyTorch) optimizer and LR schedule.
+
+    Args:
+        model: the unsharded model, built on CPU.
+        optimizer: `params -> Optimizer` (Hydra partial of e.g. torch.optim.AdamW).
+        scheduler: `optimizer -> LRScheduler`, stepped once per optimizer step.
+        zero_stage: 1, 2 or 3. precision: "bf16" (fp32 master weights in the optimizer) or "fp32".
+        grad_clip: global gradient-norm clip (0 disables).
+        checkpoint_double / checkpoint_single: activation checkpointing of the first N / M blocks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable,
+        scheduler: Callable,
+        device: torch.device,
+        zero_stage: int = 3,
+        precision: str = "bf16",
+        grad_clip: float = 1.0,
+        checkpoint_double: int = 0,
+        checkpoint_single: int = 0,
+    ):
+        check_precision(precision)
+        if zero_stage not in (1, 2, 3):
+            raise ValueError(f"zero_stage must be 1, 2 or 3, got {zero_stage}")
+        deepspeed = _import_deepspeed()
+        self._deepspeed = deepspeed
+        apply_activation_checkpointing(model, checkpoint_double, checkpoint_single)
+        config = {
+            "train_micro_batch_size_per_gpu": 1,  # the loop batches; DeepSpeed only needs a consistent value
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": grad_clip,
+            "zero_optimization": {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": False},
+            "bf16": {"enabled": precision == "bf16"},
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.precision = precision
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model.to(device),
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=config,
+        )
+        self.module = self.ds.module
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.ds(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> torch.Tensor | float:
+        """Clip, optimizer step, schedule step; returns the global gradient norm before clipping."""
+        self.ds.step()
+        return self.ds.get_global_grad_norm()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, ckpt_dir: Path, tag: str, state: dict) -> None:
+        """Every rank writes its shard; `state` (step, data position, RNG) is stored per rank."""
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state)
+
+    def load(self, ckpt_dir: Path) -> dict | None:
+        """Load the checkpoint named by `ckpt_dir/latest`; None if there is none. Refuses a broken one."""
+        tag = latest_tag(ckpt_dir)
+        if tag is None:
+            return None
+        path, state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise ValueError(f"checkpoint {tag!r} in {ckpt_dir} could not be loaded (missing or corrupt files)")
+        return state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """All parameters gathered from their shards (every rank gets them), on CPU."""
+        params = list(self.module.parameters())
+        with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}

@@ -1,0 +1,77 @@
+"""The one seam between the training loop and a parallel engine.
+
+An engine owns the (sharded) model, its optimizer and LR schedule. The loop only ever does:
+
+    pred = engine(x, txt, vec, t)       # forward
+    engine.backward(loss)
+    grad_norm = engine.step()           # clip, optimizer step, schedule step, zero grads
+    engine.save(dir, tag, state) / state = engine.load(dir)
+    engine.full_state_dict()            # consolidated weights on rank 0
+
+Implementations: `DeepSpeedEngine` (ZeRO-1/2/3, the default) and `LocalEngine` (plain PyTorch, one process:
+the reference that sharded runs are tested against). An FSDP2 engine fits the same seam. A backend is
+imported only when its config is chosen.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class Engine(Protocol):
+    module: nn.Module
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> torch.Tensor | float: ...
+
+    def lr(self) -> float: ...
+
+    def save(self, ckpt_dir: Path, tag: str, state: dict) -> None: ...
+
+    def load(self, ckpt_dir: Path) -> dict | None: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> LambdaLR:
+    """Linear warmup from lr / warmup_steps to lr over `warmup_steps` steps, then constant (Open-Sora)."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+
+
+def apply_activation_checkpointing(model: nn.Module, double: int = 0, single: int = 0) -> None:
+    """Recompute the first `double` double-stream and `single` single-stream blocks in backward.
+
+    The blocks keep their names (their `forward` is wrapped in place), so state dicts are unchanged.
+    -1 means all blocks of that kind.
+    """
+    for blocks, n in ((model.double_blocks, double), (model.single_blocks, single)):
+        count = len(blocks) if n < 0 else n
+        if count > len(blocks):
+            raise ValueError(f"asked to checkpoint {count} blocks but the model has {len(blocks)}")
+        for block in list(blocks)[:count]:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag named in `ckpt_dir/latest`, or None when there is no checkpoint yet."""
+    latest = Path(ckpt_dir) / "latest"
+    return latest.read_text().strip() if latest.is_file() else None

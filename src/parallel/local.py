@@ -1,0 +1,90 @@
+"""Plain PyTorch engine for one process: no sharding. The reference that sharded runs are compared with,
+and the simplest engine to debug the model with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from src.parallel.engine import apply_activation_checkpointing, check_precision, latest_tag
+
+
+class LocalEngine:
+    """Same contract as `DeepSpeedEngine`; fp32 or bf16 autocast (fp32 weights)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable,
+        scheduler: Callable,
+        device: torch.device,
+        precision: str = "fp32",
+        grad_clip: float = 1.0,
+        checkpoint_double: int = 0,
+        checkpoint_single: int = 0,
+    ):
+        check_precision(precision)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                f"the local engine runs one process, but the world size is {dist.get_world_size()}: "
+                "use parallel=zero3 for several ranks"
+            )
+        apply_activation_checkpointing(model, checkpoint_double, checkpoint_single)
+        self.module = model.to(device)
+        self.device = device
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self.optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
+        self.scheduler = scheduler(self.optimizer)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.module(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, ckpt_dir: Path, tag: str, state: dict) -> None:
+        out = Path(ckpt_dir) / tag
+        out.mkdir(parents=True, exist_ok=True)
+        blob = {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "state": state,
+        }
+        torch.save(blob, out / "local_engine.pt.tmp")
+        (out / "local_engine.pt.tmp").replace(out / "local_engine.pt")
+        (Path(ckpt_dir) / "latest").write_text(tag)
+
+    def load(self, ckpt_dir: Path) -> dict | None:
+        tag = latest_tag(ckpt_dir)
+        if tag is None:
+            return None
+        path = Path(ckpt_dir) / tag / "local_engine.pt"
+        if not path.is_file():
+            raise ValueError(f"checkpoint {tag!r} has no {path.name} (was it written by another engine?)")
+        blob = torch.load(path, map_location=self.device, weights_only=False)
+        self.module.load_state_dict(blob["module"], strict=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        return blob["state"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}

@@ -1,0 +1,109 @@
+"""Generate videos from a trained run: `python -m src.sample RUN_DIR --prompt "a red square moves left"`.
+
+Rebuilds the model, VAE and text encoder from RUN_DIR/config.yaml, loads the consolidated weights of a
+checkpoint (the latest by default), integrates the flow with the Euler sampler and classifier-free
+guidance, decodes with the configured VAE and writes one mp4 per prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from src.checkpoint import load_model_weights
+from src.data.video import write_mp4
+from src.diffusion.sampler import euler_sample
+
+
+def load_run(run_dir: Path, tag: str | None = None, device: str = "cpu"):
+    """(cfg, model, vae, text, tag) of a run directory, the model holding the checkpoint's weights."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise ValueError(f"{run_dir} is not a Kiln run directory: it has no config.yaml")
+    cfg = OmegaConf.load(config)
+    model = instantiate(cfg.model)
+    weights, tag = load_model_weights(run_dir, tag)
+    model.load_state_dict(weights, strict=True)
+    return cfg, model.to(device).eval(), instantiate(cfg.vae).to(device), instantiate(cfg.text).to(device), tag
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "empty"
+
+
+def generate(
+    run_dir: str | Path,
+    prompts: list[str],
+    out_dir: str | Path,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 4.0,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    fps: int = 8,
+    tag: str | None = None,
+    device: str = "cpu",
+) -> list[Path]:
+    """Sample one video per prompt (frames/height/width default to the run's training clips)."""
+    cfg, model, vae, text, tag = load_run(Path(run_dir), tag, device)
+    frames, height, width = frames or cfg.data.num_frames, height or cfg.data.height, width or cfg.data.width
+    latent = vae.latent_shape(frames, height, width)  # (C, T', H', W')
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    null_txt, null_vec = text([""])
+    paths = []
+    for i, prompt in enumerate(prompts):
+        noise = torch.randn(1, *latent, generator=torch.Generator().manual_seed(seed + i)).to(device)
+        txt, vec = text([prompt])
+        z = euler_sample(model, noise, txt, vec, null_txt[0], null_vec[0], steps=steps, guidance=guidance)
+        video = vae.decode(z)[0].clamp(-1, 1)  # (3, T, H, W)
+        paths.append(write_mp4(out_dir / f"{i:02d}_{slug(prompt)}.mp4", video.cpu(), fps))
+        print(f"{tag}: {prompt!r} -> {paths[-1]}")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a training run directory (holding config.yaml, checkpoints/)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/samples)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=30, help="Euler steps")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        parser.error("give at least one --prompt or a --prompts-file")
+    generate(
+        args.run_dir,
+        prompts,
+        args.out or args.run_dir / "samples",
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        fps=args.fps,
+        tag=args.tag,
+        device=args.device,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Training entry point: `torchrun --nproc_per_node=N -m src.train +experiment=NAME hydra.run.dir=DIR`.
+
+`train(cfg, run_dir)` holds the whole loop and is what tests call; `main()` is the Hydra wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
+from src.diffusion.flow import drop_text
+from src.metrics import truncate_after
+from src.parallel.dist import agree, all_mean, barrier, init_distributed
+
+log = logging.getLogger("kiln.train")
+# DeepSpeed calls the collectives torch renamed; the warning would repeat on every step.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+
+
+def check_compatible(model: torch.nn.Module, vae, text) -> None:
+    """Refuse a model whose input layers do not fit the configured VAE and text encoder."""
+    problems = []
+    if model.in_channels != vae.latent_channels:
+        problems.append(f"model.in_channels={model.in_channels} but the VAE gives {vae.latent_channels} channels")
+    if model.txt_in.in_features != text.dim:
+        problems.append(f"model.txt_dim={model.txt_in.in_features} but the text encoder gives {text.dim}")
+    if model.vector_in.in_layer.in_features != text.pooled_dim:
+        problems.append(
+            f"model.vec_dim={model.vector_in.in_layer.in_features} but the pooled text is {text.pooled_dim}"
+        )
+    if problems:
+        raise ValueError("model does not match its encoders: " + "; ".join(problems))
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> None:
+    """Train `cfg.steps` optimizer steps, resuming from RUN_DIR/checkpoints when it holds a checkpoint."""
+    dist = init_distributed(cfg.dist_backend)
+    run_dir = Path(run_dir).resolve()
+    agree(str(run_dir), "run directory")
+    device = dist.device
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+
+    text = instantiate(cfg.text).to(device)
+    vae = instantiate(cfg.vae).to(device)
+    model = instantiate(cfg.model)
+    check_compatible(model, vae, text)
+    n_params = sum(p.numel() for p in model.parameters())  # before sharding hides them
+    flow = instantiate(cfg.diffusion)
+    engine = instantiate(cfg.parallel)(
+        model=model,
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=instantiate(cfg.optim.scheduler),
+        device=device,
+    )
+
+    ckpt_dir = checkpoint_dir(run_dir)
+    state = engine.load(ckpt_dir)
+    step, samples_seen = (state["step"], state["samples_seen"]) if state else (0, 0)
+    if state:
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d (%d samples seen)", ckpt_dir, step, samples_seen)
+
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    loader = instantiate(cfg.data, urls=to_absolute_path(data_cfg["urls"]))(
+        dp_rank=dist.dp_rank, dp_world=dist.dp_world, seed=cfg.seed, start_index=samples_seen
+    )
+    global_batch = cfg.data.batch_size * dist.dp_world
+    null_txt, null_vec = text([""])  # (1, L, D), (1, Dv): the unconditional prompt for CFG
+    logger = instantiate(cfg.logger)(
+        run_dir=run_dir, enabled=dist.is_main, config=OmegaConf.to_container(cfg, resolve=True)
+    )
+    if dist.is_main:
+        truncate_after(run_dir, step)
+        log.info("model: %.2fM parameters; global batch %d on %d ranks", n_params / 1e6, global_batch, dist.world_size)
+
+    progress = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
+    batches = iter(loader)
+    loss_sum, data_wait, tokens_per_sample, window_start, window_steps = torch.zeros(()), 0.0, 0, time.perf_counter(), 0
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - t0
+
+        video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, H, W) in [-1, 1]
+        x0 = vae.encode(video)  # (B, C, T', H', W')
+        txt, vec = text(batch["caption"])  # (B, L, D), (B, Dv)
+        x_t, t, target, drop = flow.training_inputs(x0, batch["index"], cfg.seed)
+        txt, vec = drop_text(txt, vec, null_txt[0], null_vec[0], drop)
+
+        pred = engine(x_t, txt, vec, t)  # (B, C, T', H', W') velocity
+        loss = F.mse_loss(pred.float(), target.float())
+        engine.backward(loss)
+        grad_norm = engine.step()
+        step += 1
+        samples_seen += global_batch
+        loss_sum += loss.detach().cpu()
+        window_steps += 1
+        tokens_per_sample = txt.shape[1] + math.prod(model.token_grid(x0.shape))  # text + video tokens
+        progress.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            row = {
+                "step": step,
+                "loss": all_mean(loss_sum / window_steps).item(),
+                "lr": engine.lr(),
+                "grad_norm": float(grad_norm),
+                "samples_per_s": global_batch * window_steps / elapsed,
+                "tokens_per_s": global_batch * window_steps * tokens_per_sample / elapsed,
+                "step_time_s": elapsed / window_steps,
+                "data_wait_s": data_wait / window_steps,
+                "samples_seen": samples_seen,
+            }
+            logger.log(row)
+            progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+            loss_sum, data_wait, window_start, window_steps = torch.zeros(()), 0.0, time.perf_counter(), 0
+
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            engine.save(ckpt_dir, step_tag(step), {"step": step, "samples_seen": samples_seen, "rng": rng_state()})
+    progress.close()
+    logger.close()
+    barrier()
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    train(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def main() -> None:
+    # Every rank runs Hydra, but only rank 0 may write the .hydra/ folder and the log file.
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
