@@ -1,0 +1,267 @@
+"""Tests for the data pipeline: synthetic shards, clip decoding/encoding and the streaming shard reader."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import random
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from src.data.shards import VideoShardDataset, build_loader, expand_urls, samples_consumed
+from src.data.synthetic import main as synthetic_main
+from src.data.synthetic import write_synthetic_shards
+from src.data.video import VideoDecodeError, decode_clip, encode_mp4, write_mp4
+
+NUM_CLIPS = 24
+PER_SHARD = 8
+FRAMES = 12
+SIZE = 32
+FPS = 8
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with 3 synthetic shards of 8 clips (12 frames, 32x32)."""
+    out = tmp_path_factory.mktemp("shards")
+    paths = write_synthetic_shards(out, NUM_CLIPS, PER_SHARD, FRAMES, SIZE, FPS, seed=0)
+    assert [p.name for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    return out
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """Samples of a tar as {key: {suffix: bytes}}, in tar order."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, suffix = info.name.split(".", 1)
+            samples.setdefault(key, {})[suffix] = tar.extractfile(info).read()
+    return samples
+
+
+def all_samples(shard_dir: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of every shard, keyed by sample key."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for path in sorted(shard_dir.glob("*.tar")):
+        samples.update(read_tar(path))
+    return samples
+
+
+def decode_all_frames(data: bytes) -> np.ndarray:
+    """All frames of an mp4 as RGB uint8 (T, H, W, 3), decoded directly with PyAV."""
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def take(loader, num_batches: int) -> list[dict]:
+    """The first `num_batches` batches of an (infinite) loader or dataset."""
+    return list(itertools.islice(iter(loader), num_batches))
+
+
+def flatten(batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate batches into (index (N,), video (N, 3, T, H, W))."""
+    return torch.cat([b["index"] for b in batches]), torch.cat([b["video"] for b in batches])
+
+
+# ---------------------------------------------------------------- synthetic shards
+
+
+def test_shards_hold_real_mp4_clips(shard_dir: Path) -> None:
+    samples = all_samples(shard_dir)
+    assert list(samples) == [f"{i:08d}" for i in range(NUM_CLIPS)]
+    for key, members in samples.items():
+        assert set(members) == {"mp4", "txt", "json"}, key
+        meta = json.loads(members["json"])
+        assert (meta["frames"], meta["fps"], meta["width"], meta["height"]) == (FRAMES, FPS, SIZE, SIZE)
+        caption = members["txt"].decode("utf-8")
+        assert all(meta[field] in caption for field in ("colour", "shape", "direction")), caption
+        frames = decode_all_frames(members["mp4"])  # (T, H, W, 3)
+        assert frames.shape == (FRAMES, SIZE, SIZE, 3), key
+        with av.open(io.BytesIO(members["mp4"])) as container:
+            assert container.streams.video[0].codec_context.name == "h264"
+
+
+def test_captions_are_truthful(shard_dir: Path) -> None:
+    """The centroid of the bright pixels moves in the captioned direction (checked for every clip)."""
+    step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) in image coords
+    for key, members in all_samples(shard_dir).items():
+        direction = json.loads(members["json"])["direction"]
+        assert direction in members["txt"].decode("utf-8")
+        frames = decode_all_frames(members["mp4"])  # (T, H, W, 3)
+        centroids = []
+        for frame in (frames[0], frames[-1]):
+            ys, xs = np.nonzero(frame.max(axis=-1) > 110)
+            assert len(xs) > 10, f"{key}: shape not visible"
+            centroids.append((xs.mean(), ys.mean()))
+        moved = np.subtract(centroids[1], centroids[0])  # (dx, dy)
+        along = float(np.dot(moved, step[direction]))
+        across = abs(float(moved[0] * step[direction][1] - moved[1] * step[direction][0]))
+        assert along > 0.25 * SIZE, f"{key}: moved {moved} but the caption says {direction}"
+        assert across < 2.0, f"{key}: drifted {moved} across the {direction} motion"
+
+
+def test_synthetic_rejects_bad_arguments_and_cli_prints_summary(tmp_path: Path, capsys) -> None:
+    with pytest.raises(ValueError, match="33"):
+        write_synthetic_shards(tmp_path, num_clips=2, size=33)
+    with pytest.raises(ValueError, match="num_clips.*0"):
+        write_synthetic_shards(tmp_path, num_clips=0)
+    synthetic_main([str(tmp_path / "cli"), "--num-clips", "3", "--clips-per-shard", "2", "--frames", "4"])
+    assert "wrote 3 clips" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+
+
+# ---------------------------------------------------------------- decoding and encoding
+
+
+def test_decode_clip_shape_range_and_stride(shard_dir: Path) -> None:
+    data = all_samples(shard_dir)["00000005"]["mp4"]
+    video = decode_clip(data, FRAMES, SIZE, SIZE)
+    assert video.shape == (3, FRAMES, SIZE, SIZE) and video.dtype == torch.float32
+    assert video.min() >= -1.0 and video.max() <= 1.0
+    assert video.min() < -0.6 and video.max() > 0.6  # dark background, bright shape
+    strided = decode_clip(data, 6, SIZE, SIZE, frame_stride=2)
+    torch.testing.assert_close(strided, video[:, ::2])
+    resized = decode_clip(data, 3, 24, 40)  # 32x32 -> covers 40 wide at 40x40, centre crop 24 rows
+    assert resized.shape == (3, 3, 24, 40)
+    assert resized.min() >= -1.0 and resized.max() <= 1.0
+
+
+def test_decode_clip_errors(shard_dir: Path) -> None:
+    with pytest.raises(VideoDecodeError, match="not a decodable video"):
+        decode_clip(b"definitely not a video" * 50, 4, SIZE, SIZE)
+    with pytest.raises(VideoDecodeError, match="not a decodable video"):
+        decode_clip(b"", 4, SIZE, SIZE)
+    data = all_samples(shard_dir)["00000000"]["mp4"]
+    with pytest.raises(VideoDecodeError, match=r"has 12 frames but 13 are needed") as info:
+        decode_clip(data, 7, SIZE, SIZE, frame_stride=2)
+    assert isinstance(info.value, ValueError)
+    decode_clip(data, 6, SIZE, SIZE, frame_stride=2)  # needs 11: fine
+    with pytest.raises(ValueError, match="frame_stride.*0"):
+        decode_clip(data, 4, SIZE, SIZE, frame_stride=0)
+
+
+def test_encode_mp4_round_trip(tmp_path: Path) -> None:
+    t = torch.linspace(0, 1, 5).view(5, 1, 1)
+    y = torch.linspace(-1, 1, 18).view(1, 18, 1)
+    x = torch.linspace(-1, 1, 21).view(1, 1, 21)
+    channels = [0.8 * torch.sin(3 * x + 2 * t), 0.5 * y, t - 0.5]
+    video = torch.stack([c.expand(5, 18, 21) for c in channels])  # (3, T, H, W), odd width
+    data = encode_mp4(video, fps=4)
+    decoded = decode_clip(data, 5, 18, 22)  # padded to an even width
+    assert (decoded[..., :21] - video).abs().mean() < 0.05
+    path = write_mp4(tmp_path / "out" / "clip.mp4", video, fps=4)
+    assert decode_all_frames(path.read_bytes()).shape == (5, 18, 22, 3)
+    with pytest.raises(ValueError, match=r"\(2, 5, 18, 21\)"):
+        encode_mp4(video[:2], fps=4)
+
+
+# ---------------------------------------------------------------- shard reader
+
+
+def test_expand_urls(shard_dir: Path) -> None:
+    shards = sorted(str(p) for p in shard_dir.glob("*.tar"))
+    assert expand_urls(f"{shard_dir}/shard-{{000000..000001}}.tar") == shards[:2]
+    assert expand_urls(str(shard_dir)) == shards
+    assert expand_urls([shards[2], f"{shard_dir}/shard-00000{{0,1}}.tar"]) == [shards[2], *shards[:2]]
+    assert expand_urls("pipe:cat /somewhere/x-{0..1}.tar") == [
+        "pipe:cat /somewhere/x-0.tar",
+        "pipe:cat /somewhere/x-1.tar",
+    ]
+    missing = f"{shard_dir}/nothing-{{0..3}}.tar"
+    with pytest.raises(ValueError, match="nothing-"):
+        expand_urls(missing)
+    with pytest.raises(ValueError, match="no shard patterns"):
+        expand_urls([])
+
+
+def test_global_stream_follows_epoch_permutations(shard_dir: Path) -> None:
+    """Sample g of the stream is the g-th key of the concatenated per-epoch shard permutations."""
+    dataset = VideoShardDataset(shard_dir, 2, 8, 8, batch_size=5, seed=3)
+    keys = [key for batch in take(dataset, 12) for key in batch["key"]]  # 60 samples, 2.5 epochs
+    expected = []
+    for epoch in range(3):
+        order = [f"{i:08d}" for i in range(NUM_CLIPS)]
+        shards = [order[i : i + PER_SHARD] for i in range(0, NUM_CLIPS, PER_SHARD)]
+        random.Random(3 * 1_000_003 + epoch).shuffle(shards)
+        expected += [key for shard in shards for key in shard]
+    assert keys == expected[:60]
+    unshuffled = VideoShardDataset(shard_dir, 2, 8, 8, batch_size=4, shuffle=False)
+    assert [k for b in take(unshuffled, 7) for k in b["key"]] == [f"{i % NUM_CLIPS:08d}" for i in range(28)]
+
+
+def test_rank_split_is_disjoint_and_complete(shard_dir: Path) -> None:
+    per_rank = []
+    for rank in range(2):
+        batches = take(build_loader(shard_dir, 2, 8, 8, 3, dp_rank=rank, dp_world=2), 6)  # 36 > 24 samples
+        assert all(b["video"].shape == (3, 3, 2, 8, 8) and len(b["caption"]) == 3 for b in batches)
+        per_rank.append(set(flatten(batches)[0].tolist()))
+    assert not per_rank[0] & per_rank[1]
+    assert per_rank[0] | per_rank[1] == set(range(36))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_batch_order_is_independent_of_worker_count(shard_dir: Path) -> None:
+    """batch_size 4, dp_world 2: each shard is one batch per rank, so workers also skip whole shards."""
+    streams = [
+        flatten(take(build_loader(shard_dir, 4, 16, 16, 4, 1, 2, seed=1, num_workers=workers), 7))
+        for workers in (0, 2, 3)
+    ]
+    for index, video in streams[1:]:
+        assert torch.equal(index, streams[0][0])
+        assert torch.equal(video, streams[0][1])
+    assert streams[0][0].tolist() == list(range(1, 56, 2))
+
+
+@pytest.mark.parametrize("start_index", [samples_consumed(2, 3, 2), 7])
+def test_resume_continues_the_uninterrupted_stream(shard_dir: Path, start_index: int) -> None:
+    for rank in range(2):
+        index, video = flatten(take(build_loader(shard_dir, 3, 16, 16, 3, rank, 2, seed=5), 8))
+        resumed = take(
+            build_loader(shard_dir, 3, 16, 16, 3, rank, 2, seed=5, start_index=start_index, num_workers=2), 5
+        )
+        resumed_index, resumed_video = flatten(resumed)
+        keep = index >= start_index
+        assert resumed_index.min() >= start_index
+        assert torch.equal(resumed_index, index[keep][: len(resumed_index)])
+        assert torch.equal(resumed_video, video[keep][: len(resumed_index)])
+
+
+def test_bad_samples_are_skipped_and_counted(shard_dir: Path, tmp_path: Path, caplog) -> None:
+    samples = read_tar(shard_dir / "shard-000000.tar")
+    samples["00000003"]["mp4"] = b"\x00\x00\x00\x18ftypmp42 but then garbage" * 20
+    del samples["00000006"]["txt"]
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        for key, members in samples.items():
+            for suffix, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    dataset = VideoShardDataset(tmp_path / "bad.tar", FRAMES, SIZE, SIZE, batch_size=3, shuffle=False)
+    with caplog.at_level(logging.WARNING, logger="src.data.shards"):
+        batches = take(dataset, 2)
+    expected = [["00000000", "00000001", "00000002"], ["00000004", "00000005", "00000007"]]
+    assert [b["key"] for b in batches] == expected
+    assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2, 4, 5, 7]
+    assert dataset.skipped == {"decode_error": 1, "missing_txt": 1}
+    assert "00000003" in caplog.text and "decode_error" in caplog.text
+    assert "00000006" in caplog.text and "missing_txt" in caplog.text
+
+
+def test_reader_argument_errors(shard_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dp_rank.*2"):
+        VideoShardDataset(shard_dir, 4, SIZE, SIZE, batch_size=2, dp_rank=2, dp_world=2)
+    with pytest.raises(ValueError, match="batch_size.*0"):
+        VideoShardDataset(shard_dir, 4, SIZE, SIZE, batch_size=0)
+    with pytest.raises(ValueError, match="step.*-1"):
+        samples_consumed(-1, 2, 2)
+    assert samples_consumed(10, 4, 8) == 320
+    tarfile.open(tmp_path / "empty.tar", "w").close()
+    with pytest.raises(ValueError, match="hold no samples"):
+        take(VideoShardDataset(tmp_path / "empty.tar", 4, SIZE, SIZE, batch_size=2), 1)

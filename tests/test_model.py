@@ -1,0 +1,155 @@
+"""The MMDiT: Open-Sora 2.0 names and shapes, RoPE, patches, zero output at init, attention backends."""
+
+import json
+
+import pytest
+import torch
+
+from src.models.attention import attention, resolve_backend
+from src.models.layers import apply_rope, rope_angles, video_position_ids
+from src.models.mmdit import MMDiT
+from src.parallel.engine import apply_activation_checkpointing
+from tests.conftest import ROOT, tiny_model_kwargs
+
+
+def inputs(B=2, T=2, H=8, W=8, L=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, 48, T, H, W, generator=g),
+        torch.randn(B, L, 384, generator=g),
+        torch.randn(B, 384, generator=g),
+        torch.rand(B, generator=g),
+    )
+
+
+def test_11b_state_dict_equals_the_released_manifest():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/mmdit_11b.yaml"))
+    cfg.pop("_target_")
+    with torch.device("meta"):
+        model = MMDiT(**cfg)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    manifest = json.loads((ROOT.parent / "shared/reference/mmdit_v2_11b_state_dict.json").read_text())
+    assert ours == manifest
+    assert list(ours) == list(manifest) or set(ours) == set(manifest)
+    assert sum(v.numel() for v in model.state_dict().values()) == 11_891_390_528
+
+
+def test_1b_flavor_size():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/mmdit_1b.yaml"))
+    cfg.pop("_target_")
+    with torch.device("meta"):
+        n = MMDiT(**cfg).num_params()
+    assert 1.0e9 <= n <= 1.5e9
+
+
+def test_fresh_model_predicts_zero(tiny_model):
+    x, txt, vec, t = inputs()
+    out = tiny_model(x, txt, vec, t)
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0
+    # ... but gradients reach the zero-initialised output layer, so it learns
+    out.add(x).pow(2).mean().backward()
+    assert tiny_model.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+def test_cond_in_is_zero_initialised_and_optional():
+    model = MMDiT(**tiny_model_kwargs(cond_channels=49))
+    assert model.cond_in.weight.shape == (64, 49 * 4)
+    assert torch.count_nonzero(model.cond_in.weight) == 0
+    x, txt, vec, t = inputs()
+    model.final_layer.linear.weight.data.normal_()
+    cond = torch.randn(2, 49, 2, 8, 8)
+    assert torch.allclose(model(x, txt, vec, t), model(x, txt, vec, t, cond))
+    with pytest.raises(ValueError, match="cond_channels=None"):
+        MMDiT(**tiny_model_kwargs())(x, txt, vec, t, cond)
+
+
+def test_patchify_round_trip_and_bad_shapes(tiny_model):
+    x = torch.randn(2, 48, 3, 8, 6)
+    tokens = tiny_model.patchify(x)
+    assert tokens.shape == (2, 3 * 4 * 3, 48 * 4)
+    assert torch.equal(tiny_model.unpatchify(tokens, tiny_model.token_grid(x.shape)), x)
+    # one token holds one 1x2x2 block of latent voxels, channel-major
+    assert torch.equal(tokens[0, 0].view(48, 2, 2), x[0, :, 0, :2, :2])
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        tiny_model.patchify(torch.randn(1, 48, 2, 7, 8))
+
+
+def test_rope_is_a_rotation_with_relative_positions():
+    axes = [8, 12, 12]
+    q, k = torch.randn(1, 2, 2, 32), torch.randn(1, 2, 2, 32)
+    ids = torch.tensor([[[0, 0, 0], [3, 1, 2]]])
+    rq = apply_rope(q, rope_angles(ids, axes))
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # a rotation keeps norms
+    assert torch.allclose(rq[:, 0], q[:, 0])  # position 0 is the identity (text tokens)
+
+    def score(pos_q, pos_k):
+        aq = rope_angles(torch.tensor([[pos_q]]), axes)
+        ak = rope_angles(torch.tensor([[pos_k]]), axes)
+        return (apply_rope(q[:, :1], aq) * apply_rope(k[:, :1], ak)).sum()
+
+    # the score depends only on the offset between positions, on every axis
+    assert torch.allclose(score([1, 2, 3], [4, 4, 4]), score([5, 7, 2], [8, 9, 3]), atol=1e-4)
+    assert not torch.allclose(score([1, 2, 3], [4, 4, 4]), score([1, 2, 3], [4, 4, 5]), atol=1e-4)
+
+
+def test_video_position_ids_are_row_major_t_h_w():
+    ids = video_position_ids(2, 2, 3, 4)
+    assert ids.shape == (2, 24, 3)
+    assert ids[0, 0].tolist() == [0, 0, 0] and ids[0, 5].tolist() == [0, 1, 1] and ids[0, 23].tolist() == [1, 2, 3]
+
+
+def test_model_is_permutation_sensitive_through_rope(tiny_model):
+    # swapping two frames changes the prediction for them: positions are really used
+    torch.manual_seed(1)
+    for p in tiny_model.parameters():
+        p.data.normal_(0, 0.2)
+    x, txt, vec, t = inputs(T=2)
+    out = tiny_model(x, txt, vec, t)
+    out_swapped = tiny_model(x.flip(2), txt, vec, t).flip(2)
+    assert not torch.allclose(out, out_swapped, atol=1e-4)
+
+
+def test_activation_checkpointing_keeps_outputs_gradients_and_names(tiny_model):
+    for p in tiny_model.parameters():
+        p.data.normal_(0, 0.1)
+    ref = MMDiT(**tiny_model_kwargs())
+    ref.load_state_dict(tiny_model.state_dict())
+    apply_activation_checkpointing(tiny_model, double=-1, single=1)
+    assert list(tiny_model.state_dict()) == list(ref.state_dict())
+    x, txt, vec, t = inputs()
+    for m in (tiny_model, ref):
+        m(x, txt, vec, t).pow(2).mean().backward()
+    for (name, a), b in zip(tiny_model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    with pytest.raises(ValueError, match="has 2"):
+        apply_activation_checkpointing(ref, double=3)
+
+
+def test_attention_backends():
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    with pytest.raises(ValueError, match="flash-attn"):
+        resolve_backend("flash", torch.device("cpu"))
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_backend("xformers", torch.device("cpu"))
+    q, k, v = (torch.randn(2, 6, 3, 8) for _ in range(3))
+    weights = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) / 8**0.5, dim=-1)
+    expected = torch.einsum("bhlm,bmhd->blhd", weights, v)
+    assert torch.allclose(attention(q, k, v, "sdpa"), expected, atol=1e-5)
+
+
+def test_bad_model_configs_are_refused():
+    with pytest.raises(ValueError, match="divisible by heads"):
+        MMDiT(**tiny_model_kwargs(heads=3))
+    with pytest.raises(ValueError, match="axes_dim"):
+        MMDiT(**tiny_model_kwargs(axes_dim=[8, 8, 8]))
+
+
+def test_models_import_nothing_distributed():
+    for path in (ROOT / "src/models").rglob("*.py"):
+        text = path.read_text()
+        assert "torch.distributed" not in text and "deepspeed" not in text, path
