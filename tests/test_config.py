@@ -1,0 +1,62 @@
+"""Every experiment composes, every group instantiates (models on the meta device), and models fit encoders."""
+
+import functools
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from src.train import check_compatible
+from tests.conftest import ROOT
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
+
+
+def compose_experiment(name: str, overrides: tuple[str, ...] = ()):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"+experiment={name}", *overrides])
+
+
+@functools.cache
+def encoder(text_cfg_yaml: str):
+    return instantiate(OmegaConf.create(text_cfg_yaml))
+
+
+def test_the_required_experiments_exist():
+    assert {"smoke", "demo"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(name):
+    cfg = compose_experiment(name)
+    for key in ("steps", "seed", "log_every", "ckpt_every"):
+        assert isinstance(cfg[key], int), key
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    vae = instantiate(cfg.vae)
+    text = encoder(OmegaConf.to_yaml(cfg.text))
+    check_compatible(model, vae, text)
+    vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+    for group in ("data", "parallel", "logger", "optim.optimizer", "optim.scheduler"):
+        node = OmegaConf.select(cfg, group)
+        assert "_target_" in node, group
+        assert isinstance(instantiate(node), functools.partial), group
+    instantiate(cfg.diffusion)
+
+
+def test_every_group_option_names_a_target():
+    for path in (ROOT / "conf").glob("*/*.yaml"):
+        if path.parent.name in ("experiment", "optim"):
+            continue
+        node = OmegaConf.load(path)
+        assert "_target_" in node or "defaults" in node, path
+
+
+def test_mismatched_encoders_are_refused():
+    cfg = compose_experiment("smoke", ("model=mmdit_1b",))
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    with pytest.raises(ValueError, match=r"in_channels=16 but the VAE gives 48.*txt_dim=4096"):
+        check_compatible(model, instantiate(cfg.vae), encoder(OmegaConf.to_yaml(cfg.text)))
