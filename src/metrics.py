@@ -62,3 +62,44 @@ def truncate_after(run_dir: str | Path, step: int) -> None:
     if path.is_file():
         rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def plot_loss(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the loss curve of a run as a PNG (default RUN_DIR/loss.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir} has no logged steps in metrics.jsonl")
+    out = Path(out) if out else Path(run_dir) / "loss.png"
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching loss (MSE of velocity)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def summary(run_dir: str | Path) -> str:
+    """One line: first and last logged loss and the throughput of the last window."""
+    rows = read_metrics(run_dir)
+    first, last = rows[0], rows[-1]
+    return (
+        f"loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
+        f"{last['samples_per_s']:.1f} samples/s, {last['tokens_per_s']:.0f} tokens/s"
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m src.metrics RUN_DIR   (writes RUN_DIR/loss.png and prints a summary)")
+    print(f"{plot_loss(sys.argv[1])}: {summary(sys.argv[1])}")

@@ -17,7 +17,7 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate, to_absolute_path
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -46,8 +46,18 @@ def check_compatible(model: torch.nn.Module, vae, text) -> None:
         raise ValueError("model does not match its encoders: " + "; ".join(problems))
 
 
+def check_knobs(cfg: DictConfig) -> None:
+    """Refuse top-level settings the loop cannot honour, naming the value."""
+    for key in ("log_every", "ckpt_every"):
+        if cfg[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg.steps < 0:
+        raise ValueError(f"steps must be >= 0, got {cfg.steps}")
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> None:
     """Train `cfg.steps` optimizer steps, resuming from RUN_DIR/checkpoints when it holds a checkpoint."""
+    check_knobs(cfg)
     dist = init_distributed(cfg.dist_backend)
     run_dir = Path(run_dir).resolve()
     agree(str(run_dir), "run directory")
@@ -77,8 +87,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (%d samples seen)", ckpt_dir, step, samples_seen)
 
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    loader = instantiate(cfg.data, urls=to_absolute_path(data_cfg["urls"]))(
+    loader = instantiate(cfg.data)(
         dp_rank=dist.dp_rank, dp_world=dist.dp_world, seed=cfg.seed, start_index=samples_seen
     )
     global_batch = cfg.data.batch_size * dist.dp_world

@@ -60,3 +60,18 @@ def test_mismatched_encoders_are_refused():
         model = instantiate(cfg.model)
     with pytest.raises(ValueError, match=r"in_channels=16 but the VAE gives 48.*txt_dim=4096"):
         check_compatible(model, instantiate(cfg.vae), encoder(OmegaConf.to_yaml(cfg.text)))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("log_every=0", "log_every must be >= 1, got 0"),
+        ("ckpt_every=-5", "ckpt_every must be >= 1, got -5"),
+        ("steps=-1", "steps must be >= 0, got -1"),
+    ],
+)
+def test_bad_knobs_are_refused_before_anything_starts(override, message):
+    from src.train import check_knobs
+
+    with pytest.raises(ValueError, match=message):
+        check_knobs(compose_experiment("smoke", (override,)))
