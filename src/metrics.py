@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
+
+import torch
+
+from src.parallel.dist import all_mean
 
 
 class MetricsLogger:
@@ -48,6 +53,46 @@ class MetricsLogger:
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+class StepWindow:
+    """Accumulates the steps between two log lines; `row()` turns them into one metrics.jsonl row.
+
+    The loss is summed on its own device (no host sync per step) and averaged over ranks only when logging.
+    """
+
+    def __init__(self, global_batch: int, device: torch.device):
+        self.global_batch = global_batch
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.data_wait = 0.0
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, data_wait: float) -> None:
+        self.loss_sum += loss.detach().float()
+        self.data_wait += data_wait
+        self.steps += 1
+
+    def row(self, step: int, lr: float, grad_norm, tokens_per_sample: int, samples_seen: int) -> dict:
+        elapsed = time.perf_counter() - self.start
+        samples = self.global_batch * self.steps
+        row = {
+            "step": step,
+            "loss": all_mean(self.loss_sum / self.steps).item(),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": samples * tokens_per_sample / elapsed,
+            "step_time_s": elapsed / self.steps,
+            "data_wait_s": self.data_wait / self.steps,
+            "samples_seen": samples_seen,
+        }
+        self.reset()
+        return row
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
 from src.diffusion.flow import drop_text
-from src.metrics import truncate_after
-from src.parallel.dist import agree, all_mean, barrier, init_distributed
+from src.metrics import StepWindow, truncate_after
+from src.parallel.dist import agree, barrier, init_distributed
 
 log = logging.getLogger("kiln.train")
 # DeepSpeed calls the collectives torch renamed; the warning would repeat on every step.
@@ -100,12 +100,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         log.info("model: %.2fM parameters; global batch %d on %d ranks", n_params / 1e6, global_batch, dist.world_size)
 
     progress = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
+    window = StepWindow(global_batch, device)
     batches = iter(loader)
-    loss_sum, data_wait, tokens_per_sample, window_start, window_steps = torch.zeros(()), 0.0, 0, time.perf_counter(), 0
     while step < cfg.steps:
         t0 = time.perf_counter()
         batch = next(batches)
-        data_wait += time.perf_counter() - t0
+        data_wait = time.perf_counter() - t0
 
         video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, H, W) in [-1, 1]
         x0 = vae.encode(video)  # (B, C, T', H', W')
@@ -119,28 +119,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         grad_norm = engine.step()
         step += 1
         samples_seen += global_batch
-        loss_sum += loss.detach().cpu()
-        window_steps += 1
-        tokens_per_sample = txt.shape[1] + math.prod(model.token_grid(x0.shape))  # text + video tokens
+        window.add(loss, data_wait)
         progress.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - window_start
-            row = {
-                "step": step,
-                "loss": all_mean(loss_sum / window_steps).item(),
-                "lr": engine.lr(),
-                "grad_norm": float(grad_norm),
-                "samples_per_s": global_batch * window_steps / elapsed,
-                "tokens_per_s": global_batch * window_steps * tokens_per_sample / elapsed,
-                "step_time_s": elapsed / window_steps,
-                "data_wait_s": data_wait / window_steps,
-                "samples_seen": samples_seen,
-            }
+            tokens_per_sample = txt.shape[1] + math.prod(model.token_grid(x0.shape))  # text + video tokens
+            row = window.row(step, engine.lr(), grad_norm, tokens_per_sample, samples_seen)
             logger.log(row)
             progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-            loss_sum, data_wait, window_start, window_steps = torch.zeros(()), 0.0, time.perf_counter(), 0
-
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             engine.save(ckpt_dir, step_tag(step), {"step": step, "samples_seen": samples_seen, "rng": rng_state()})
     progress.close()
