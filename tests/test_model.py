@@ -156,3 +156,17 @@ def test_models_import_nothing_distributed():
     for path in (ROOT / "src/models").rglob("*.py"):
         text = path.read_text()
         assert "torch.distributed" not in text and "deepspeed" not in text, path
+
+
+def test_bf16_weights_take_fp32_inputs_and_keep_timestep_precision(tiny_model):
+    for p in tiny_model.parameters():
+        p.data.normal_(0, 0.1)
+    x, txt, vec, _ = inputs(B=2)
+    model = tiny_model.to(torch.bfloat16)
+    # t = 0.5 and t = 0.501 are one bf16 step apart; the embedding is computed from fp32 t, so they differ
+    out = model(x, txt, vec, torch.tensor([0.5, 0.501]))
+    assert out.dtype == torch.bfloat16
+    same = model(
+        x[:1].expand(2, -1, -1, -1, -1), txt[:1].expand(2, -1, -1), vec[:1].expand(2, -1), torch.tensor([0.5, 0.501])
+    )
+    assert not torch.equal(same[0], same[1])

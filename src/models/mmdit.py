@@ -126,13 +126,14 @@ class MMDiT(nn.Module):
         """
         B = x.shape[0]
         grid = self.token_grid(x.shape)
-        img = self.img_in(self.patchify(x))  # (B, Li, hidden)
+        dtype = self.img_in.weight.dtype  # inputs follow the weights (bf16 under mixed precision); t stays fp32
+        img = self.img_in(self.patchify(x.to(dtype)))  # (B, Li, hidden)
         if cond is not None:
             if self.cond_in is None:
                 raise ValueError("a condition was given but the model was built with cond_channels=None")
-            img = img + self.cond_in(self.patchify(cond))
-        vec = self.time_in(timestep_embedding(t).to(img.dtype)) + self.vector_in(vec)  # (B, hidden)
-        txt = self.txt_in(txt)  # (B, Lt, hidden)
+            img = img + self.cond_in(self.patchify(cond.to(dtype)))
+        vec = self.time_in(timestep_embedding(t).to(dtype)) + self.vector_in(vec.to(dtype))  # (B, hidden)
+        txt = self.txt_in(txt.to(dtype))  # (B, Lt, hidden)
 
         txt_ids = torch.zeros(B, txt.shape[1], 3, device=x.device, dtype=torch.long)
         ids = torch.cat([txt_ids, video_position_ids(B, *grid, device=x.device)], dim=1)  # (B, Lt + Li, 3)
