@@ -7,6 +7,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -114,6 +115,24 @@ def test_bf16_mixed_precision_trains_close_to_fp32(zero3_run, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (a, b)
     weights, _ = load_model_weights(tmp_path)
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_corrupt_sharded_checkpoint_is_refused(zero3_run, tmp_path):
+    run_dir, _ = zero3_run
+    shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
+    shard = tmp_path / "checkpoints/step_00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:2000])  # truncated, as by a node dying mid-save
+    args = ["-m", "src.train", "+experiment=smoke", f"hydra.run.dir={tmp_path}", "steps=6"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "step_00000004 cannot be loaded" in proc.stderr + proc.stdout
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]  # nothing trained on from it
 
 
 def test_sampler_writes_a_decodable_video(zero3_run, tmp_path):

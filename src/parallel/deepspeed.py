@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.parallel.engine import apply_activation_checkpointing, check_precision, latest_tag
+from src.parallel.engine import apply_activation_checkpointing, check_precision, latest_tag, refuse_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,12 @@ class DeepSpeedEngine:
         tag = latest_tag(ckpt_dir)
         if tag is None:
             return None
-        path, state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        try:
+            path, state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        except Exception as err:
+            raise refuse_unreadable(ckpt_dir, tag, err) from err
         if path is None:
-            raise ValueError(f"checkpoint {tag!r} in {ckpt_dir} could not be loaded (missing or corrupt files)")
+            raise refuse_unreadable(ckpt_dir, tag, FileNotFoundError("DeepSpeed found no model states"))
         return state
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

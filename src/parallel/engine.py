@@ -72,6 +72,23 @@ def apply_activation_checkpointing(model: nn.Module, double: int = 0, single: in
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag named in `ckpt_dir/latest`, or None when there is no checkpoint yet."""
+    """The tag named in `ckpt_dir/latest`, or None when there is no checkpoint yet.
+
+    Raises ValueError when `latest` names a checkpoint folder that does not exist.
+    """
     latest = Path(ckpt_dir) / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not (Path(ckpt_dir) / tag).is_dir():
+        found = sorted(p.name for p in Path(ckpt_dir).glob("step_*"))
+        raise ValueError(f"{latest} names {tag!r}, which does not exist; checkpoints present: {found}")
+    return tag
+
+
+def refuse_unreadable(ckpt_dir: Path, tag: str, err: Exception) -> ValueError:
+    """The error for a checkpoint that exists but cannot be read: never train on from a half-loaded state."""
+    return ValueError(
+        f"checkpoint {Path(ckpt_dir) / tag} cannot be loaded ({type(err).__name__}: {err}); "
+        "it is not used. Restore it, or write an older tag into checkpoints/latest to resume from there."
+    )

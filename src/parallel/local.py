@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from src.parallel.engine import apply_activation_checkpointing, check_precision, latest_tag
+from src.parallel.engine import apply_activation_checkpointing, check_precision, latest_tag, refuse_unreadable
 
 
 class LocalEngine:
@@ -80,10 +80,13 @@ class LocalEngine:
         path = Path(ckpt_dir) / tag / "local_engine.pt"
         if not path.is_file():
             raise ValueError(f"checkpoint {tag!r} has no {path.name} (was it written by another engine?)")
-        blob = torch.load(path, map_location=self.device, weights_only=False)
-        self.module.load_state_dict(blob["module"], strict=True)
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
+        try:
+            blob = torch.load(path, map_location=self.device, weights_only=False)
+            self.module.load_state_dict(blob["module"], strict=True)
+            self.optimizer.load_state_dict(blob["optimizer"])
+            self.scheduler.load_state_dict(blob["scheduler"])
+        except Exception as err:
+            raise refuse_unreadable(ckpt_dir, tag, err) from err
         return blob["state"]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
