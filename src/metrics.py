@@ -61,34 +61,36 @@ class StepWindow:
     The loss is summed on its own device (no host sync per step) and averaged over ranks only when logging.
     """
 
-    def __init__(self, global_batch: int, device: torch.device):
-        self.global_batch = global_batch
+    def __init__(self, device: torch.device):
         self.device = device
         self.reset()
 
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
         self.data_wait = 0.0
-        self.steps = 0
+        self.steps = self.samples = self.tokens = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, data_wait: float) -> None:
+    def add(self, loss: torch.Tensor, data_wait: float, samples: int, tokens: int) -> None:
+        """One step: its loss on this rank, its wait for data, and its global samples and tokens (text + video)."""
         self.loss_sum += loss.detach().float()
         self.data_wait += data_wait
+        self.samples += samples
+        self.tokens += tokens
         self.steps += 1
 
-    def row(self, step: int, lr: float, grad_norm, tokens_per_sample: int, samples_seen: int) -> dict:
+    def row(self, step: int, lr: float, grad_norm, samples_seen: int) -> dict:
         elapsed = time.perf_counter() - self.start
-        samples = self.global_batch * self.steps
         row = {
             "step": step,
             "loss": all_mean(self.loss_sum / self.steps).item(),
             "lr": lr,
             "grad_norm": float(grad_norm),
-            "samples_per_s": samples / elapsed,
-            "tokens_per_s": samples * tokens_per_sample / elapsed,
+            "samples_per_s": self.samples / elapsed,
+            "tokens_per_s": self.tokens / elapsed,
             "step_time_s": elapsed / self.steps,
             "data_wait_s": self.data_wait / self.steps,
+            "data_wait_frac": self.data_wait / elapsed,
             "samples_seen": samples_seen,
         }
         self.reset()

@@ -50,9 +50,12 @@ def generate(
     tag: str | None = None,
     device: str = "cpu",
 ) -> list[Path]:
-    """Sample one video per prompt (frames/height/width default to the run's training clips)."""
+    """Sample one video per prompt (frames/height/width default to the largest training bucket)."""
     cfg, model, vae, text, tag = load_run(Path(run_dir), tag, device)
-    frames, height, width = frames or cfg.data.num_frames, height or cfg.data.height, width or cfg.data.width
+    buckets = instantiate(cfg.data.buckets)
+    res = buckets.order[0]  # default: the largest resolution's longest clip, closest to square
+    default_h, default_w = buckets.nearest_shape(res, 1, 1)
+    frames, height, width = frames or buckets.frames[res][0][0], height or default_h, width or default_w
     latent = vae.latent_shape(frames, height, width)  # (C, T', H', W')
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,20 +11,21 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import hydra
 import torch
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
+from src.data.shards import DECODE_FAILURES
 from src.diffusion.flow import drop_text
 from src.metrics import StepWindow, truncate_after
-from src.parallel.dist import agree, barrier, init_distributed
+from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
 
 log = logging.getLogger("kiln.train")
 # DeepSpeed calls the collectives torch renamed; the warning would repeat on every step.
@@ -44,6 +45,16 @@ def check_compatible(model: torch.nn.Module, vae, text) -> None:
         )
     if problems:
         raise ValueError("model does not match its encoders: " + "; ".join(problems))
+
+
+def check_buckets(buckets, vae, model: torch.nn.Module) -> None:
+    """Every bucket must give whole latents (the VAE's frame and size rules) and whole patches."""
+    for bucket in buckets.all_buckets():
+        try:
+            latent = vae.latent_shape(bucket.num_frames, bucket.height, bucket.width)  # (C, T', H', W')
+            model.token_grid(latent)
+        except ValueError as err:
+            raise ValueError(f"bucket {bucket.name} does not fit the VAE and the model: {err}") from err
 
 
 def check_knobs(cfg: DictConfig) -> None:
@@ -81,54 +92,72 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     )
 
     ckpt_dir = checkpoint_dir(run_dir)
-    state = engine.load(ckpt_dir)
-    step, samples_seen = (state["step"], state["samples_seen"]) if state else (0, 0)
-    if state:
+    state = engine.load(ckpt_dir) or {"step": 0, "samples_seen": 0, "data": None, "skipped": {}, "failed": {}}
+    step, samples_seen = state["step"], state["samples_seen"]
+    if step:
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (%d samples seen)", ckpt_dir, step, samples_seen)
 
     loader = instantiate(cfg.data)(
-        dp_rank=dist.dp_rank, dp_world=dist.dp_world, seed=cfg.seed, start_index=samples_seen
+        dp_rank=dist.dp_rank, dp_world=dist.dp_world, seed=cfg.seed, state=state["data"], skip_dir=run_dir / "skipped"
     )
-    global_batch = cfg.data.batch_size * dist.dp_world
+    check_buckets(loader.dataset.planner.buckets, vae, model)
+    skipped = Counter(state["skipped"]) if step else Counter(s.reason for s in loader.dataset.scan_skips)
+    failed = Counter(state["failed"])  # this rank's decode failures
     null_txt, null_vec = text([""])  # (1, L, D), (1, Dv): the unconditional prompt for CFG
     logger = instantiate(cfg.logger)(
         run_dir=run_dir, enabled=dist.is_main, config=OmegaConf.to_container(cfg, resolve=True)
     )
     if dist.is_main:
         truncate_after(run_dir, step)
-        log.info("model: %.2fM parameters; global batch %d on %d ranks", n_params / 1e6, global_batch, dist.world_size)
+        log.info("model: %.2fM parameters on %d ranks", n_params / 1e6, dist.world_size)
 
     progress = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
-    window = StepWindow(global_batch, device)
+    window = StepWindow(device)
     batches = iter(loader)
     while step < cfg.steps:
         t0 = time.perf_counter()
-        batch = next(batches)
+        batch = next(batches)  # one bucket: every clip of the batch has the same shape
         data_wait = time.perf_counter() - t0
 
         video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, H, W) in [-1, 1]
+        valid = batch["valid"].to(device, non_blocking=True)  # (B,) False where a clip failed to decode
         x0 = vae.encode(video)  # (B, C, T', H', W')
         txt, vec = text(batch["caption"])  # (B, L, D), (B, Dv)
         x_t, t, target, drop = flow.training_inputs(x0, batch["index"], cfg.seed)
         txt, vec = drop_text(txt, vec, null_txt[0], null_vec[0], drop)
 
         pred = engine(x_t, txt, vec, t)  # (B, C, T', H', W') velocity
-        loss = F.mse_loss(pred.float(), target.float())
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        loss = (per_sample * valid).sum() / valid.sum().clamp(min=1)
         engine.backward(loss)
         grad_norm = engine.step()
         step += 1
-        samples_seen += global_batch
-        window.add(loss, data_wait)
+        global_samples = len(batch["index"]) * dist.dp_world
+        samples_seen += global_samples
+        skipped.update(batch["plan_skipped"])
+        failed.update(batch["failed"])
+        window.add(
+            loss, data_wait, global_samples, global_samples * (txt.shape[1] + math.prod(model.token_grid(x0.shape)))
+        )
         progress.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
-            tokens_per_sample = txt.shape[1] + math.prod(model.token_grid(x0.shape))  # text + video tokens
-            row = window.row(step, engine.lr(), grad_norm, tokens_per_sample, samples_seen)
+            row = window.row(step, engine.lr(), grad_norm, samples_seen)
+            row["bucket"] = batch["bucket"]
+            row["skipped"] = {**skipped, **all_sum_counts({r: failed[r] for r in DECODE_FAILURES})}
             logger.log(row)
             progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            engine.save(ckpt_dir, step_tag(step), {"step": step, "samples_seen": samples_seen, "rng": rng_state()})
+            loop_state = {
+                "step": step,
+                "samples_seen": samples_seen,
+                "rng": rng_state(),
+                "data": batch["state"],
+                "skipped": dict(skipped),
+                "failed": dict(failed),
+            }
+            engine.save(ckpt_dir, step_tag(step), loop_state)
     progress.close()
     logger.close()
     barrier()

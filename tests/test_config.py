@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from src.train import check_compatible
+from src.train import check_buckets, check_compatible
 from tests.conftest import ROOT
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
@@ -38,7 +38,7 @@ def test_experiment_composes_and_instantiates(name):
     vae = instantiate(cfg.vae)
     text = encoder(OmegaConf.to_yaml(cfg.text))
     check_compatible(model, vae, text)
-    vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+    check_buckets(instantiate(cfg.data.buckets), vae, model)
     for group in ("data", "parallel", "logger", "optim.optimizer", "optim.scheduler"):
         node = OmegaConf.select(cfg, group)
         assert "_target_" in node, group
@@ -47,8 +47,8 @@ def test_experiment_composes_and_instantiates(name):
 
 
 def test_every_group_option_names_a_target():
-    for path in (ROOT / "conf").glob("*/*.yaml"):
-        if path.parent.name in ("experiment", "optim"):
+    for path in (ROOT / "conf").glob("**/*.yaml"):
+        if path.parent.name in ("experiment", "optim") or path.parent == ROOT / "conf":
             continue
         node = OmegaConf.load(path)
         assert "_target_" in node or "defaults" in node, path
@@ -75,3 +75,14 @@ def test_bad_knobs_are_refused_before_anything_starts(override, message):
 
     with pytest.raises(ValueError, match=message):
         check_knobs(compose_experiment("smoke", (override,)))
+
+
+def test_buckets_that_do_not_fit_the_vae_and_patch_are_refused():
+    from src.data.buckets import BucketConfig
+
+    cfg = compose_experiment("smoke")
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    odd = BucketConfig({"20px": {"8": [1.0, 2]}}, aspect_ratios=["1:1"], size_multiple=4)  # 20x20 -> 5x5 latent
+    with pytest.raises(ValueError, match=r"bucket 20px/8f/20x20 does not fit the VAE and the model.*patch_size"):
+        check_buckets(odd, instantiate(cfg.vae), model)

@@ -1,12 +1,9 @@
-"""Tests for the data pipeline: synthetic shards, clip decoding/encoding and the streaming shard reader."""
+"""Tests for the synthetic shards and clip decoding/encoding (the loader is tested in test_loader.py)."""
 
 from __future__ import annotations
 
 import io
-import itertools
 import json
-import logging
-import random
 import tarfile
 from pathlib import Path
 
@@ -15,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from src.data.shards import VideoShardDataset, build_loader, expand_urls, samples_consumed
 from src.data.synthetic import main as synthetic_main
 from src.data.synthetic import write_synthetic_shards
 from src.data.video import VideoDecodeError, decode_clip, encode_mp4, write_mp4
@@ -58,16 +54,6 @@ def decode_all_frames(data: bytes) -> np.ndarray:
     """All frames of an mp4 as RGB uint8 (T, H, W, 3), decoded directly with PyAV."""
     with av.open(io.BytesIO(data)) as container:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-
-
-def take(loader, num_batches: int) -> list[dict]:
-    """The first `num_batches` batches of an (infinite) loader or dataset."""
-    return list(itertools.islice(iter(loader), num_batches))
-
-
-def flatten(batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate batches into (index (N,), video (N, 3, T, H, W))."""
-    return torch.cat([b["index"] for b in batches]), torch.cat([b["video"] for b in batches])
 
 
 # ---------------------------------------------------------------- synthetic shards
@@ -163,105 +149,3 @@ def test_encode_mp4_round_trip(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- shard reader
-
-
-def test_expand_urls(shard_dir: Path) -> None:
-    shards = sorted(str(p) for p in shard_dir.glob("*.tar"))
-    assert expand_urls(f"{shard_dir}/shard-{{000000..000001}}.tar") == shards[:2]
-    assert expand_urls(str(shard_dir)) == shards
-    assert expand_urls([shards[2], f"{shard_dir}/shard-00000{{0,1}}.tar"]) == [shards[2], *shards[:2]]
-    assert expand_urls("pipe:cat /somewhere/x-{0..1}.tar") == [
-        "pipe:cat /somewhere/x-0.tar",
-        "pipe:cat /somewhere/x-1.tar",
-    ]
-    missing = f"{shard_dir}/nothing-{{0..3}}.tar"
-    with pytest.raises(ValueError, match="nothing-"):
-        expand_urls(missing)
-    with pytest.raises(ValueError, match="no shard patterns"):
-        expand_urls([])
-
-
-def test_global_stream_follows_epoch_permutations(shard_dir: Path) -> None:
-    """Sample g of the stream is the g-th key of the concatenated per-epoch shard permutations."""
-    dataset = VideoShardDataset(shard_dir, 2, 8, 8, batch_size=5, seed=3)
-    keys = [key for batch in take(dataset, 12) for key in batch["key"]]  # 60 samples, 2.5 epochs
-    expected = []
-    for epoch in range(3):
-        order = [f"{i:08d}" for i in range(NUM_CLIPS)]
-        shards = [order[i : i + PER_SHARD] for i in range(0, NUM_CLIPS, PER_SHARD)]
-        random.Random(3 * 1_000_003 + epoch).shuffle(shards)
-        expected += [key for shard in shards for key in shard]
-    assert keys == expected[:60]
-    unshuffled = VideoShardDataset(shard_dir, 2, 8, 8, batch_size=4, shuffle=False)
-    assert [k for b in take(unshuffled, 7) for k in b["key"]] == [f"{i % NUM_CLIPS:08d}" for i in range(28)]
-
-
-def test_rank_split_is_disjoint_and_complete(shard_dir: Path) -> None:
-    per_rank = []
-    for rank in range(2):
-        batches = take(build_loader(shard_dir, 2, 8, 8, 3, dp_rank=rank, dp_world=2), 6)  # 36 > 24 samples
-        assert all(b["video"].shape == (3, 3, 2, 8, 8) and len(b["caption"]) == 3 for b in batches)
-        per_rank.append(set(flatten(batches)[0].tolist()))
-    assert not per_rank[0] & per_rank[1]
-    assert per_rank[0] | per_rank[1] == set(range(36))
-
-
-@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
-def test_batch_order_is_independent_of_worker_count(shard_dir: Path) -> None:
-    """batch_size 4, dp_world 2: each shard is one batch per rank, so workers also skip whole shards."""
-    streams = [
-        flatten(take(build_loader(shard_dir, 4, 16, 16, 4, 1, 2, seed=1, num_workers=workers), 7))
-        for workers in (0, 2, 3)
-    ]
-    for index, video in streams[1:]:
-        assert torch.equal(index, streams[0][0])
-        assert torch.equal(video, streams[0][1])
-    assert streams[0][0].tolist() == list(range(1, 56, 2))
-
-
-@pytest.mark.parametrize("start_index", [samples_consumed(2, 3, 2), 7])
-def test_resume_continues_the_uninterrupted_stream(shard_dir: Path, start_index: int) -> None:
-    for rank in range(2):
-        index, video = flatten(take(build_loader(shard_dir, 3, 16, 16, 3, rank, 2, seed=5), 8))
-        resumed = take(
-            build_loader(shard_dir, 3, 16, 16, 3, rank, 2, seed=5, start_index=start_index, num_workers=2), 5
-        )
-        resumed_index, resumed_video = flatten(resumed)
-        keep = index >= start_index
-        assert resumed_index.min() >= start_index
-        assert torch.equal(resumed_index, index[keep][: len(resumed_index)])
-        assert torch.equal(resumed_video, video[keep][: len(resumed_index)])
-
-
-def test_bad_samples_are_skipped_and_counted(shard_dir: Path, tmp_path: Path, caplog) -> None:
-    samples = read_tar(shard_dir / "shard-000000.tar")
-    samples["00000003"]["mp4"] = b"\x00\x00\x00\x18ftypmp42 but then garbage" * 20
-    del samples["00000006"]["txt"]
-    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
-        for key, members in samples.items():
-            for suffix, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    dataset = VideoShardDataset(tmp_path / "bad.tar", FRAMES, SIZE, SIZE, batch_size=3, shuffle=False)
-    with caplog.at_level(logging.WARNING, logger="src.data.shards"):
-        batches = take(dataset, 2)
-    expected = [["00000000", "00000001", "00000002"], ["00000004", "00000005", "00000007"]]
-    assert [b["key"] for b in batches] == expected
-    assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2, 4, 5, 7]
-    assert dataset.skipped == {"decode_error": 1, "missing_txt": 1}
-    assert "00000003" in caplog.text and "decode_error" in caplog.text
-    assert "00000006" in caplog.text and "missing_txt" in caplog.text
-
-
-def test_reader_argument_errors(shard_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="dp_rank.*2"):
-        VideoShardDataset(shard_dir, 4, SIZE, SIZE, batch_size=2, dp_rank=2, dp_world=2)
-    with pytest.raises(ValueError, match="batch_size.*0"):
-        VideoShardDataset(shard_dir, 4, SIZE, SIZE, batch_size=0)
-    with pytest.raises(ValueError, match="step.*-1"):
-        samples_consumed(-1, 2, 2)
-    assert samples_consumed(10, 4, 8) == 320
-    tarfile.open(tmp_path / "empty.tar", "w").close()
-    with pytest.raises(ValueError, match="hold no samples"):
-        take(VideoShardDataset(tmp_path / "empty.tar", 4, SIZE, SIZE, batch_size=2), 1)

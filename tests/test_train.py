@@ -23,7 +23,9 @@ pytestmark = pytest.mark.dist
 
 # fp32 on CPU: the sharded run differs from the single-process one only by the order of float reductions.
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 1e-6
+# A tenth of one AdamW step (lr 1e-4): Adam normalises each gradient element by its own magnitude, so where an
+# element is near zero, reduction-order noise becomes a visible fraction of that element's step.
+PARAM_ATOL = 1e-5
 # The recipe's AdamW eps of 1e-15 turns a gradient of ~1e-12 into a full lr-sized step whose sign is decided by
 # rounding; the parity runs use eps 1e-8 so that reduction-order noise cannot flip an update.
 PARITY_EPS = "optim.optimizer.eps=1e-8"
@@ -70,7 +72,7 @@ def test_smoke_run_writes_metrics_checkpoints_and_one_config(zero3_run):
 
 def test_zero3_on_two_ranks_matches_one_process_on_the_same_global_batch(zero3_run, tmp_path):
     run_dir, sharded = zero3_run
-    single = train(tmp_path, "parallel=local", "data.batch_size=4", PARITY_EPS, nproc=1)
+    single = train(tmp_path, "parallel=local", "data.buckets.batch_scale=2", PARITY_EPS, nproc=1)
     for a, b in zip(sharded, single, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (a, b)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)

@@ -73,6 +73,14 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Per-reason counters summed over ranks (every rank must pass the same keys in the same order)."""
+    values = torch.tensor(list(counts.values()), dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1 and len(values):
+        dist.all_reduce(values)
+    return {k: int(v) for k, v in zip(counts, values.tolist(), strict=True)}
+
+
 def agree(value: object, what: str) -> None:
     """Raise on every rank if the ranks disagree on `value` (e.g. the run directory)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

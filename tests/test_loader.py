@@ -1,0 +1,273 @@
+"""The bucketed shard loader: bucket rules, the catalogue, rank x worker splits, exact resume, bad data."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.data.buckets import Bucket, BucketConfig, aspect_shapes, resolution_area
+from src.data.catalog import expand_urls, scan_shards
+from src.data.shards import VideoShardDataset, build_loader
+from src.data.synthetic import write_synthetic_shards
+
+CLIPS, PER_SHARD, FRAMES, SIZE = 24, 6, 12, 32
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(out, CLIPS, PER_SHARD, FRAMES, SIZE, fps=8, seed=3)
+    return out
+
+
+def one_bucket(batch: int = 2, frames: int = 4) -> BucketConfig:
+    return BucketConfig({"16px": {frames: [1.0, batch]}}, aspect_ratios=["1:1"], size_multiple=8)
+
+
+def take(loader, n: int) -> list[dict]:
+    return list(itertools.islice(iter(loader), n))
+
+
+def indices(batches: list[dict]) -> list[int]:
+    return [g for b in batches for g in b["index"].tolist()]
+
+
+# ---------------------------------------------------------------- buckets
+
+
+def test_resolution_names_and_aspect_shapes():
+    assert resolution_area("256px") == 256 * 256 and resolution_area("720p") == 720 * 1280
+    shapes = aspect_shapes(256 * 256, ["9:16", "1:1", "16:9"], 16)
+    assert shapes["1:1"] == (256, 256)
+    assert shapes["16:9"] == (192, 336) and shapes["9:16"] == (336, 192)
+    assert all(h % 16 == 0 and w % 16 == 0 for h, w in shapes.values())
+    with pytest.raises(ValueError, match="'<N>px'"):
+        resolution_area("big")
+    with pytest.raises(ValueError, match="W:H"):
+        aspect_shapes(100, ["wide"], 8)
+
+
+def test_bucket_assignment_rules():
+    buckets = BucketConfig(
+        {"64px": {"1": [1.0, 16], "8": [1.0, 4]}, "32px": {"8": [1.0, 8], "16": [0.0, 2]}},
+        aspect_ratios=["9:16", "1:1", "16:9"],
+        size_multiple=8,
+    )
+    enough = lambda meta, frames: meta["frames"] >= frames  # noqa: E731
+    rng = random.Random(0)
+    # a large landscape video: the biggest resolution, the longest clip it holds, the nearest aspect
+    assert buckets.assign({"width": 128, "height": 72, "frames": 30}, rng, enough) == Bucket("64px", 8, 48, 88, 4)
+    # too small for 64px: never upscaled, goes to 32px; 16 frames has probability 0, so 8 frames
+    assert buckets.assign({"width": 40, "height": 40, "frames": 30}, rng, enough) == Bucket("32px", 8, 32, 32, 8)
+    # an image fits only 1-frame buckets
+    assert buckets.assign({"width": 64, "height": 64, "frames": 1}, rng, enough).num_frames == 1
+    # smaller than every bucket, or too short for every video bucket at that size
+    assert buckets.assign({"width": 16, "height": 16, "frames": 30}, rng, enough) is None
+    assert buckets.assign({"width": 40, "height": 40, "frames": 3}, rng, enough) is None
+    assert buckets.frame_counts() == [1, 8, 16]
+
+
+def test_bucket_probability_is_a_seeded_coin():
+    buckets = BucketConfig({"32px": {"8": [0.25, 2], "1": [1.0, 2]}}, aspect_ratios=["1:1"], size_multiple=8)
+    meta = {"width": 32, "height": 32, "frames": 10}
+    picks = [buckets.assign(meta, random.Random(i), lambda m, f: m["frames"] >= f).num_frames for i in range(4000)]
+    assert picks.count(8) / len(picks) == pytest.approx(0.25, abs=0.03)
+    assert buckets.assign(meta, random.Random(7), lambda m, f: True) == buckets.assign(
+        meta, random.Random(7), lambda m, f: True
+    )
+
+
+def test_bad_bucket_configs_name_the_value():
+    with pytest.raises(ValueError, match="probability=1.5"):
+        BucketConfig({"32px": {"8": [1.5, 2]}})
+    with pytest.raises(ValueError, match=r"expected \[probability, batch_size\]"):
+        BucketConfig({"32px": {"8": 2}})
+    with pytest.raises(ValueError, match="names no resolution"):
+        BucketConfig({})
+    with pytest.raises(ValueError, match="batch_scale must be > 0, got 0"):
+        BucketConfig({"32px": {"8": [1.0, 2]}}, batch_scale=0)
+    scaled = BucketConfig({"32px": {"8": [1.0, 3], "1": [1.0, 1]}}, ["1:1"], batch_scale=0.5)
+    assert [b.batch_size for b in scaled.all_buckets()] == [2, 1]
+
+
+def test_a_config_no_sample_fits_is_an_error_at_start(shards):
+    too_big = BucketConfig({"256px": {"8": [1.0, 2]}}, aspect_ratios=["1:1"])
+    with pytest.raises(ValueError, match=r"no sample of the data \(24\) fits any bucket.*Largest video: 32x32"):
+        VideoShardDataset(shards, too_big)
+    too_long = BucketConfig({"16px": {"64": [1.0, 2]}}, aspect_ratios=["1:1"], size_multiple=8)
+    with pytest.raises(ValueError, match="longest: 12 frames"):
+        VideoShardDataset(shards, too_long)
+
+
+# ---------------------------------------------------------------- catalogue
+
+
+def test_catalogue_reads_probes_and_locations(shards):
+    found, skips = scan_shards(expand_urls(shards))
+    assert not skips and [len(s.samples) for s in found] == [PER_SHARD] * (CLIPS // PER_SHARD)
+    sample = found[0].samples[0]
+    assert sample.media == "mp4" and sample.meta["frames"] == FRAMES and sample.meta["width"] == SIZE
+    with open(found[0].url, "rb") as f:
+        f.seek(sample.caption_loc[0])
+        assert f.read(sample.caption_loc[1]).decode().startswith("a")
+    with pytest.raises(ValueError, match="matches no tar files"):
+        expand_urls(str(shards / "nope-{0..3}.tar"))
+    assert len(expand_urls(str(shards / "shard-{000000..000001}.tar"))) == 2
+
+
+# ---------------------------------------------------------------- splits and order
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_two_ranks_by_two_workers_cover_the_epoch_exactly_once(shards):
+    per_rank = []
+    for rank in range(2):
+        loader = build_loader(shards, one_bucket(batch=3), rank, 2, seed=1, num_workers=2)
+        per_rank.append(take(loader, CLIPS // 6))  # 4 global batches of 2 ranks x 3 = one epoch
+    seen = [set(indices(batches)) for batches in per_rank]
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(CLIPS))
+    # every batch of the pair is the same global batch: same bucket, interleaved slices
+    for a, b in zip(*per_rank, strict=True):
+        assert a["state"] == b["state"] and a["bucket"] == b["bucket"]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_batches_do_not_depend_on_the_worker_count(shards):
+    runs = [take(build_loader(shards, one_bucket(), 0, 2, seed=4, num_workers=w), 6) for w in (0, 1, 3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
+
+
+# ---------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 2), (2, 1), (1, 3)])
+def test_resume_with_another_rank_count_continues_exactly(shards, before, after):
+    # two buckets of different batch sizes, so queues hold samples at the checkpoint
+    buckets = BucketConfig({"16px": {"8": [0.5, 2], "4": [1.0, 3]}}, aspect_ratios=["1:1"], size_multiple=8)
+    first = [take(build_loader(shards, buckets, r, before, seed=2), 3) for r in range(before)]
+    state = first[0][-1]["state"]
+    assert all(run[-1]["state"] == state for run in first)
+    second = [take(build_loader(shards, buckets, r, after, seed=2, state=state), 8) for r in range(after)]
+    consumed = [g for run in first + second for g in indices(run)]
+    assert len(consumed) == len(set(consumed)), "a sample was repeated"
+    final = second[0][-1]["state"]
+    # nothing skipped: every sample read so far is consumed or still waiting in a queue
+    assert set(consumed) | set(final["pending"]) == set(range(final["next"]))
+    assert not set(consumed) & set(final["pending"])
+
+
+def test_resume_equals_the_uninterrupted_run(shards):
+    straight = take(build_loader(shards, one_bucket(), 0, 1, seed=5), 10)
+    part = take(build_loader(shards, one_bucket(), 0, 1, seed=5), 4)
+    rest = take(build_loader(shards, one_bucket(), 0, 1, seed=5, state=part[-1]["state"]), 6)
+    for a, b in zip(straight, part + rest, strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
+        assert a["caption"] == b["caption"]
+
+
+def test_resume_refuses_changed_data(shards, tmp_path):
+    state = take(build_loader(shards, one_bucket(), 0, 1), 1)[0]["state"]
+    with pytest.raises(ValueError, match="the data changed since the checkpoint"):
+        build_loader(expand_urls(shards)[:2], one_bucket(), 0, 1, state=state)
+    with pytest.raises(ValueError, match="seed was 0, is 9"):
+        build_loader(shards, one_bucket(), 0, 1, seed=9, state=state)
+
+
+# ---------------------------------------------------------------- bad data
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def copy_samples(src: Path, dst: Path, edit) -> None:
+    """Rewrite a shard, passing each (key, ext, data) through `edit` (None drops the member)."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for info in tin:
+            key, ext = info.name.split(".", 1)
+            data = edit(key, ext, tin.extractfile(info).read())
+            if data is not None:
+                add_member(tout, info.name, data)
+
+
+def test_bad_data_is_skipped_counted_and_named(shards, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    tars = sorted(shards.glob("*.tar"))
+
+    def corrupt(key, ext, blob):
+        if key == "00000000" and ext == "mp4":
+            return blob[:48] + bytes(len(blob) - 48)  # header kept, frames zeroed: the probe passes, decoding fails
+        if key == "00000001" and ext == "txt":
+            return None  # caption missing
+        if key == "00000002" and ext == "json":
+            return json.dumps({**json.loads(blob), "frames": 200}).encode()  # the probe lies: too short at decode
+        return blob
+
+    copy_samples(tars[0], data / "shard-000000.tar", corrupt)
+    raw = tars[1].read_bytes()
+    (data / "shard-000001.tar").write_bytes(raw[: len(raw) // 2])  # truncated tar
+    (data / "shard-000002.tar").write_bytes(b"not a tar at all" * 100)  # unreadable shard
+    (data / "shard-000003.tar").write_bytes(tars[3].read_bytes())
+
+    # the lying probe (200 frames) sends sample 2 to the 16-frame bucket; its 12 real frames are too few
+    buckets = BucketConfig({"16px": {"16": [1.0, 1], "12": [1.0, 2]}}, aspect_ratios=["1:1"], size_multiple=8)
+    dataset = VideoShardDataset(data, buckets, seed=0, skip_dir=tmp_path / "skipped", shuffle=False)
+    scan = {(s.key.rsplit("/", 1)[-1], s.reason) for s in dataset.scan_skips}
+    assert ("00000001", "missing_txt") in scan
+    assert ("shard-000001.tar", "truncated_shard") in scan
+    assert ("shard-000002.tar", "unreadable_shard") in scan
+    batches = take(dataset, 6)
+    failed = {k: sum(b["failed"][k] for b in batches) for k in batches[0]["failed"]}
+    bad = {key for b in batches for key, ok in zip(b["key"], b["valid"].tolist(), strict=True) if not ok}
+    assert bad == {"00000000", "00000002"}
+    assert failed["decode_error"] == 1 and failed["too_short"] == 1
+    named = [json.loads(line) for line in (tmp_path / "skipped/rank0.jsonl").read_text().splitlines()]
+    assert {(r["key"].rsplit(":", 1)[-1], r["reason"]) for r in named} == {
+        ("00000000", "decode_error"),
+        ("00000002", "too_short"),
+    }
+    catalog = (tmp_path / "skipped/catalog.jsonl").read_text()
+    assert "missing_txt" in catalog and "unreadable_shard" in catalog and "truncated_shard" in catalog
+    for b in batches:  # invalid clips are zeros and every clip has the bucket's shape
+        frames = int(b["bucket"].split("/")[1].removesuffix("f"))
+        assert b["video"].shape == ({16: 1, 12: 2}[frames], 3, frames, 16, 16)
+        assert torch.count_nonzero(b["video"][~b["valid"]]) == 0
+
+
+# ---------------------------------------------------------------- from a folder of media to batches
+
+
+def test_written_shards_of_mixed_codecs_and_images_load_in_their_buckets(tmp_path):
+    from src.data.write import write_shards
+    from tests.media import make_media_folder
+
+    planted = make_media_folder(tmp_path / "media")
+    index = write_shards(planted["root"], tmp_path / "shards", workers=2, min_frames=planted["min_frames"])
+    assert index["totals"]["samples"] == len(planted["good"])
+    buckets = BucketConfig(
+        {"32px": {"1": [1.0, 2], "4": [1.0, 2]}}, aspect_ratios=["3:4", "1:1", "16:9"], size_multiple=8
+    )
+    dataset = VideoShardDataset(tmp_path / "shards", buckets, fps=8.0, crop="random", seed=1)
+    assert not dataset.scan_skips and dataset.fitting == len(planted["good"])
+    batches = take(dataset, 12)
+    seen = {key for b in batches for key in b["key"]}
+    assert len(seen) == len(planted["good"])  # every written sample came out, images and every codec
+    assert all(b["valid"].all() for b in batches)
+    shapes = {tuple(b["video"].shape[1:]) for b in batches}
+    assert {(3, 1, 24, 40), (3, 1, 40, 24)} <= shapes  # the two images: clips of one frame, in their aspect
+    assert {(3, 4, 24, 40), (3, 4, 40, 24), (3, 4, 32, 32)} <= shapes  # landscape, portrait and square videos
+    for b in batches:
+        assert b["video"].min() >= -1 and b["video"].max() <= 1
