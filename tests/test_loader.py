@@ -166,6 +166,29 @@ def test_resume_with_another_rank_count_continues_exactly(shards, before, after)
     assert not set(consumed) & set(final["pending"])
 
 
+@pytest.mark.parametrize("after", [1, 3])
+def test_resume_on_another_rank_count_sees_the_uninterrupted_samples(shards, after):
+    # one bucket: samples are consumed in stream order, so the same number of samples is the same set
+    straight = take(build_loader(shards, one_bucket(), 0, 1, seed=6), 12)  # 24 samples
+    before = [take(build_loader(shards, one_bucket(), r, 2, seed=6), 2) for r in range(2)]  # 8 samples
+    state = before[0][-1]["state"]
+    per_rank = 16 // (2 * after)
+    rest = [take(build_loader(shards, one_bucket(), r, after, seed=6, state=state), per_rank) for r in range(after)]
+    resumed = [g for run in before + rest for g in indices(run)]
+    assert len(resumed) == len(set(resumed)) == 8 + per_rank * 2 * after
+    expected = indices(straight)[: len(resumed)]
+    assert sorted(resumed) == sorted(expected)
+
+
+def test_pipe_urls_are_catalogued_and_read_by_streaming(shards):
+    urls = [f"pipe:cat {p}" for p in expand_urls(shards)]
+    piped = take(build_loader(urls, one_bucket(), 0, 1, seed=8), 5)
+    local = take(build_loader(shards, one_bucket(), 0, 1, seed=8), 5)
+    for a, b in zip(piped, local, strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
+        assert a["caption"] == b["caption"]
+
+
 def test_resume_equals_the_uninterrupted_run(shards):
     straight = take(build_loader(shards, one_bucket(), 0, 1, seed=5), 10)
     part = take(build_loader(shards, one_bucket(), 0, 1, seed=5), 4)

@@ -228,8 +228,20 @@ class MemberReader:
         self.files: dict[str, object] = {}
         self.streamed: tuple[str, dict[str, dict]] | None = None
 
-    def read(self, shard: ShardInfo, sample: SampleInfo) -> tuple[bytes, str]:
-        """(media bytes, caption)."""
+    def read(self, shard: ShardInfo, sample: SampleInfo, retries: int = 3) -> tuple[bytes, str]:
+        """(media bytes, caption); an OSError (a flaky mount, a stream that broke) is retried `retries` times."""
+        for attempt in range(1, retries + 1):
+            try:
+                return self._read(shard, sample)
+            except OSError:
+                self.files.pop(shard.url, None)
+                self.streamed = None
+                if attempt == retries:
+                    raise
+                time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
+
+    def _read(self, shard: ShardInfo, sample: SampleInfo) -> tuple[bytes, str]:
         if shard.local:
             f = self.files.get(shard.url)
             if f is None:
