@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from src.data import video as video_module
+from src.data import video_frames
 from src.data.video import VideoDecodeError, clip_frames_needed, decode_clip, decode_clip_naive, fits
 
 GOP = 10  # keyframe interval of the test videos, so that seeks skip keyframes
@@ -197,7 +197,7 @@ def test_naive_decode_agrees_with_decode_clip(videos, name, num_frames, stride, 
 
 def test_seeking_decodes_only_from_the_keyframe_before_the_clip(videos, monkeypatch) -> None:
     decoded: list[int] = []
-    pick = video_module._pick
+    pick = video_frames._pick
 
     def counting_pick(frames, *args):
         def counted():
@@ -207,7 +207,7 @@ def test_seeking_decodes_only_from_the_keyframe_before_the_clip(videos, monkeypa
 
         return pick(counted(), *args)
 
-    monkeypatch.setattr(video_module, "_pick", counting_pick)
+    monkeypatch.setattr(video_frames, "_pick", counting_pick)
     decode_clip(videos["h264_mkv"], 4, 24, 32, start=45 / 30)  # frames 45..48; keyframe at 40
     assert 4 <= len(decoded) <= GOP, decoded
     decoded.clear()
