@@ -21,6 +21,7 @@ from PIL import Image
 
 from src.data import video_frames
 from src.data.video import VideoDecodeError, clip_frames_needed, decode_clip, decode_clip_naive, fits
+from tests.media import can_encode
 
 GOP = 10  # keyframe interval of the test videos, so that seeks skip keyframes
 X264 = {"preset": "veryfast", "crf": "10", "x264-params": f"keyint={GOP}:min-keyint={GOP}:scenecut=0"}  # B-frames on
@@ -38,17 +39,6 @@ VIDEOS: dict[str, tuple[str, str, int, int, int, int, dict[str, str]]] = {
     "h264_avi": ("avi", "libx264", 30, 60, 64, 48, X264),
 }
 SEEKABLE = [name for name, spec in VIDEOS.items() if spec[2:4] == (30, 60)]  # 30 fps, 60 frames, 64x48
-
-
-def can_encode(encoder: str) -> bool:
-    """Whether this PyAV build has the encoder."""
-    if encoder not in av.codecs_available:
-        return False
-    try:
-        av.codec.Codec(encoder, "w")
-    except (av.FFmpegError, ValueError):
-        return False
-    return True
 
 
 def render(frames: int, width: int, height: int) -> np.ndarray:

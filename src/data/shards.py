@@ -159,26 +159,18 @@ def build_loader(
     buckets: BucketConfig,
     dp_rank: int,
     dp_world: int,
-    seed: int = 0,
-    fps: float | None = None,
-    frame_stride: int = 1,
-    crop: str = "center",
-    shuffle: bool = True,
-    mix_shards: int = 4,
-    state: Mapping | None = None,
-    skip_dir: str | Path | None = None,
     num_workers: int = 0,
     pin_memory: bool = False,
+    **options: Any,
 ) -> DataLoader:
     """A DataLoader yielding this data-parallel rank's batches in plan order (see the module docstring).
 
-    `state` is the `state` of the last batch consumed before a checkpoint (None: from the start).
+    `options` are those of `VideoShardDataset` (seed, fps, frame_stride, crop, shuffle, mix_shards, skip_dir,
+    and `state`: the `state` of the last batch consumed before a checkpoint, None to start from the beginning).
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    dataset = VideoShardDataset(
-        urls, buckets, dp_rank, dp_world, seed, fps, frame_stride, crop, shuffle, mix_shards, state, skip_dir
-    )
+    dataset = VideoShardDataset(urls, buckets, dp_rank, dp_world, **options)
     context = None
     if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("fork")
