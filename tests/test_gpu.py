@@ -1,0 +1,43 @@
+"""GPU-only checks (skipped without CUDA): the attention backends agree, and the model runs in bf16 on CUDA."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from src.models.attention import attention, resolve_backend
+from src.models.mmdit import MMDiT
+from tests.conftest import tiny_model_kwargs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_auto_backend_uses_flash_attn_when_installed():
+    expected = "flash" if importlib.util.find_spec("flash_attn") else "sdpa"
+    assert resolve_backend("auto", torch.device("cuda")) == expected
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+def test_flash_attn_matches_sdpa_in_bf16():
+    q, k, v = (torch.randn(2, 512, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v, "flash"), attention(q, k, v, "sdpa"), atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_model_on_cuda_matches_fp32():
+    torch.manual_seed(0)
+    model = MMDiT(**tiny_model_kwargs()).cuda()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    x = torch.randn(2, 48, 2, 8, 8, device="cuda")
+    txt, vec, t = (
+        torch.randn(2, 5, 384, device="cuda"),
+        torch.randn(2, 384, device="cuda"),
+        torch.rand(2, device="cuda"),
+    )
+    ref = model(x, txt, vec, t)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x, txt, vec, t)
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
