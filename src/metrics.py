@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from src.flops import peak_memory_gb
 from src.parallel.dist import all_mean
 
 
@@ -61,22 +62,26 @@ class StepWindow:
     The loss is summed on its own device (no host sync per step) and averaged over ranks only when logging.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, world_size: int = 1, peak_flops: float | None = None):
         self.device = device
+        self.world_size = world_size
+        self.peak_flops = peak_flops  # per device; None: MFU is not reported (an unknown device, or not bf16)
         self.reset()
 
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
         self.data_wait = 0.0
-        self.steps = self.samples = self.tokens = 0
+        self.steps = self.samples = self.tokens = self.flops = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, data_wait: float, samples: int, tokens: int) -> None:
-        """One step: its loss on this rank, its wait for data, and its global samples and tokens (text + video)."""
+    def add(self, loss: torch.Tensor, data_wait: float, samples: int, tokens: int, flops: float) -> None:
+        """One step: its loss on this rank, its wait for data, and its global samples, tokens (text + video) and
+        model FLOPs (see src/flops.py)."""
         self.loss_sum += loss.detach().float()
         self.data_wait += data_wait
         self.samples += samples
         self.tokens += tokens
+        self.flops += flops
         self.steps += 1
 
     def row(self, step: int, lr: float, grad_norm, samples_seen: int) -> dict:
@@ -92,7 +97,11 @@ class StepWindow:
             "data_wait_s": self.data_wait / self.steps,
             "data_wait_frac": self.data_wait / elapsed,
             "samples_seen": samples_seen,
+            "tflops_per_device": self.flops / elapsed / self.world_size / 1e12,
+            "peak_mem_gb": peak_memory_gb(self.device),
         }
+        if self.peak_flops:
+            row["mfu"] = self.flops / elapsed / self.world_size / self.peak_flops
         self.reset()
         return row
 

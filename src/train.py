@@ -24,6 +24,7 @@ from tqdm import tqdm
 from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
 from src.data.shards import DECODE_FAILURES
 from src.diffusion.flow import drop_text
+from src.flops import peak_flops, step_flops
 from src.metrics import StepWindow, truncate_after
 from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
 
@@ -113,7 +114,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         log.info("model: %.2fM parameters on %d ranks", n_params / 1e6, dist.world_size)
 
     progress = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
-    window = StepWindow(device)
+    window = StepWindow(device, dist.world_size, peak_flops(device, cfg.parallel.get("precision", "fp32")))
     batches = iter(loader)
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -137,9 +138,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         samples_seen += global_samples
         skipped.update(batch["plan_skipped"])
         failed.update(batch["failed"])
-        window.add(
-            loss, data_wait, global_samples, global_samples * (txt.shape[1] + math.prod(model.token_grid(x0.shape)))
-        )
+        video_tokens, text_tokens = math.prod(model.token_grid(x0.shape)), txt.shape[1]
+        flops = step_flops(model, video_tokens, text_tokens, global_samples)
+        window.add(loss, data_wait, global_samples, global_samples * (video_tokens + text_tokens), flops)
         progress.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -147,7 +148,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             row["bucket"] = batch["bucket"]
             row["skipped"] = {**skipped, **all_sum_counts({r: failed[r] for r in DECODE_FAILURES})}
             logger.log(row)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+            progress.set_postfix(
+                loss=f"{row['loss']:.4f}",
+                lr=f"{row['lr']:.2e}",
+                tok_s=f"{row['tokens_per_s']:.0f}",
+                **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}),
+            )
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             loop_state = {
                 "step": step,

@@ -60,9 +60,20 @@ def zero3_run(tmp_path_factory):
 def test_smoke_run_writes_metrics_checkpoints_and_one_config(zero3_run):
     run_dir, rows = zero3_run
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s"):
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "tokens_per_s",
+        "step_time_s",
+        "data_wait_frac",
+        "tflops_per_device",
+        "peak_mem_gb",
+    ):
         assert all(isinstance(r[key], float) and r[key] == r[key] for r in rows), key
     assert rows[-1]["samples_seen"] == 4 * 2 * 2
+    assert "mfu" not in rows[0]  # a CPU has no entry in the peak table: no guessed MFU
     assert (run_dir / "checkpoints/latest").read_text() == "step_00000004"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra/config.yaml").is_file()
