@@ -13,6 +13,7 @@ a second.
 from __future__ import annotations
 
 import random
+import tarfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -271,3 +272,13 @@ def make_media_folder(root: str | Path) -> dict:
         "bad": bad,
         "ignored": ["README.md", "orphan.txt"],
     }
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """Samples of one tar as {key: {extension: bytes}}, in tar order."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, ext = info.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return samples

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import av
@@ -15,6 +14,7 @@ import torch
 from src.data.synthetic import main as synthetic_main
 from src.data.synthetic import write_synthetic_shards
 from src.data.video import VideoDecodeError, decode_clip, encode_mp4, write_mp4
+from tests.media import read_tar
 
 NUM_CLIPS = 24
 PER_SHARD = 8
@@ -30,16 +30,6 @@ def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     paths = write_synthetic_shards(out, NUM_CLIPS, PER_SHARD, FRAMES, SIZE, FPS, seed=0)
     assert [p.name for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     return out
-
-
-def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    """Samples of a tar as {key: {suffix: bytes}}, in tar order."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for info in tar:
-            key, suffix = info.name.split(".", 1)
-            samples.setdefault(key, {})[suffix] = tar.extractfile(info).read()
-    return samples
 
 
 def all_samples(shard_dir: Path) -> dict[str, dict[str, bytes]]:

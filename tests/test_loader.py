@@ -294,3 +294,13 @@ def test_written_shards_of_mixed_codecs_and_images_load_in_their_buckets(tmp_pat
     assert {(3, 4, 24, 40), (3, 4, 40, 24), (3, 4, 32, 32)} <= shapes  # landscape, portrait and square videos
     for b in batches:
         assert b["video"].min() >= -1 and b["video"].max() <= 1
+
+
+def test_shards_without_probes_are_probed_like_the_writer_does(shards, tmp_path):
+    src = sorted(shards.glob("*.tar"))[0]
+    copy_samples(src, tmp_path / "shard-000000.tar", lambda key, ext, blob: None if ext == "json" else blob)
+    found, skips = scan_shards(expand_urls(tmp_path))
+    assert not skips and len(found[0].samples) == PER_SHARD
+    meta = found[0].samples[0].meta
+    assert (meta["frames"], meta["width"], meta["height"], meta["codec"]) == (FRAMES, SIZE, SIZE, "h264")
+    assert meta["fps"] == pytest.approx(8.0)

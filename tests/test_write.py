@@ -27,7 +27,7 @@ from src.data.write import (
     probe,
     write_shards,
 )
-from tests.media import can_encode, corrupt_file, make_image, make_media_folder, make_video, truncate_file
+from tests.media import can_encode, corrupt_file, make_image, make_media_folder, make_video, read_tar, truncate_file
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
@@ -49,16 +49,6 @@ def written(media: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     out = tmp_path_factory.mktemp("shards")
     index = write_shards(media["root"], out, workers=WORKERS, min_frames=media["min_frames"])
     return out, index
-
-
-def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    """Samples of one tar as {key: {extension: bytes}}, in tar order."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for info in tar:
-            key, ext = info.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    return samples
 
 
 def read_shards(out: Path, index: dict) -> dict[str, dict[str, bytes]]:

@@ -10,13 +10,13 @@ caption or a usable probe are reported. Nothing bad is used silently.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
 import tarfile
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import webdataset
 from braceexpand import braceexpand
 from webdataset import tariterators
 
-from src.data.probe import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from src.data.probe import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, probe
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +98,17 @@ def split_name(name: str) -> tuple[str, str] | None:
     return None if prefix is None or name.startswith("__") else (prefix, ext.lower())
 
 
-def probe_bytes(data: bytes) -> dict:
-    """A probe of in-memory media with PyAV, for shards written without `.json` probes."""
-    import av
-
-    with av.open(io.BytesIO(data), metadata_errors="replace") as container:
-        stream = container.streams.video[0]
-        frames = stream.frames or sum(1 for _ in container.demux(stream) if _.size)
-        fps = float(stream.average_rate or stream.guessed_rate or 0)
-        return {"width": stream.width, "height": stream.height, "frames": frames, "fps": fps}
+def probe_bytes(data: bytes, ext: str) -> dict:
+    """The shard writer's probe (`src.data.probe.probe`) of in-memory media, for shards written without `.json`."""
+    with tempfile.NamedTemporaryFile(suffix=f".{ext}") as f:
+        f.write(data)
+        f.flush()
+        return probe(f.name)
 
 
-def _assemble(key: str, members: dict[str, tuple], read: callable) -> tuple[SampleInfo | None, Skip | None]:
+def _assemble(
+    key: str, members: dict[str, tuple], read: Callable[[tuple | bytes], bytes]
+) -> tuple[SampleInfo | None, Skip | None]:
     """A SampleInfo from one key's members {ext: location or bytes}, or the reason it is skipped."""
     media = next((ext for ext in (*VIDEO_EXTS, *IMAGE_EXTS) if ext in members), None)
     if media is None:
@@ -128,7 +127,7 @@ def _assemble(key: str, members: dict[str, tuple], read: callable) -> tuple[Samp
         meta.setdefault("fps", 0.0)
     if any(k not in meta for k in PROBE_KEYS):
         try:
-            meta.update(probe_bytes(read(members[media])))
+            meta.update(probe_bytes(read(members[media]), media))
         except Exception as err:  # PyAV raises many kinds on garbage
             return None, Skip(key, "unreadable_media", f"{type(err).__name__}: {err}")
     return SampleInfo(key, media, meta), None

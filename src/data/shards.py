@@ -49,6 +49,14 @@ def write_skips(skip_dir: str | Path | None, name: str, skips: Sequence[Skip]) -
 DECODE_FAILURES = ("decode_error", "too_short", "bad_caption", "read_error")
 
 
+def clip_window(meta: Mapping) -> tuple[float, float] | None:
+    """(start, end) seconds of a cut made by the shard writer (either end may be missing), or None."""
+    if "start" not in meta and "end" not in meta:
+        return None
+    end = meta.get("end", meta.get("duration") or meta["frames"] / meta["fps"])
+    return float(meta.get("start", 0.0)), float(end)
+
+
 def failure_reason(err: Exception) -> str:
     """The counter a decode failure goes to."""
     if isinstance(err, VideoDecodeError):
@@ -98,8 +106,7 @@ class VideoShardDataset(IterableDataset):
         )
 
     def can_supply(self, meta: Mapping, num_frames: int) -> bool:
-        window = (meta["start"], meta["end"]) if "start" in meta and "end" in meta else None
-        return fits(meta, num_frames, self.frame_stride, self.fps, window)
+        return fits(meta, num_frames, self.frame_stride, self.fps, clip_window(meta))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -117,7 +124,7 @@ class VideoShardDataset(IterableDataset):
         videos, captions, keys, valid, skips = [], [], [], [], []
         for g in batch.rank_slice(self.dp_rank):
             shard, sample = self.planner.locate(g)
-            window = (sample.meta["start"], sample.meta["end"]) if "end" in sample.meta else None
+            window = clip_window(sample.meta)
             try:
                 media, caption = reader.read(shard, sample)
                 video = decode_clip(
