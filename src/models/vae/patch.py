@@ -65,12 +65,30 @@ class PatchVAE(nn.Module):
         z = z / self.scaling_factor + self.shift_factor
         return rearrange(z, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)", pt=pt, ph=s, pw=s)
 
-    def describe(self) -> dict:
+    @classmethod
+    def provenance(
+        cls,
+        spatial: int = 4,
+        temporal: int = 1,
+        channels: int = 3,
+        scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
+    ) -> dict:
+        """What a cache encoded with this VAE depends on (see `src.models.vae`)."""
         return {
             "name": "patch",
-            "spatial_compression": self.spatial_compression,
-            "temporal_compression": self.temporal_compression,
-            "latent_channels": self.latent_channels,
-            "scaling_factor": self.scaling_factor,
-            "shift_factor": self.shift_factor,
+            "weights_sha256": None,
+            "dtype": "float32",
+            "spatial_compression": spatial,
+            "temporal_compression": temporal,
+            "latent_channels": channels * temporal * spatial * spatial,
+            "scaling_factor": scaling_factor,
+            "shift_factor": shift_factor,
+            "tiling": None,
+            "posterior": "exact",
         }
+
+    def describe(self) -> dict:
+        return self.provenance(
+            self.spatial_compression, self.temporal_compression, self.channels, self.scaling_factor, self.shift_factor
+        )

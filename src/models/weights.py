@@ -1,0 +1,138 @@
+"""Reading checkpoints, hashing them, and loading them strictly.
+
+The field's worst silent failure is a `strict=False` load that leaves weights at their random init (black or noisy
+videos after weeks of training). Every pretrained encoder in Kiln is loaded through `strict_load`: each tensor of
+the checkpoint must land in the model and each parameter of the model must come from the checkpoint, shapes equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_HASH_CACHE = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "weights_sha256.json"
+_LIST_MAX = 20  # keys listed per category in an error
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint: the file itself, or every weight file in a directory (sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    files = safetensors or files  # transformers directories often hold both formats of the same weights
+    if not files:
+        raise ValueError(f"no weight file ({', '.join(WEIGHT_SUFFIXES)}) in {str(path)!r}")
+    return files
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint file or directory, on the CPU. A corrupt file raises naming it."""
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                part = load_file(str(file))
+            else:
+                part = torch.load(file, map_location="cpu", weights_only=True)
+                part = part.get("state_dict", part) if isinstance(part, dict) else part
+        except Exception as err:
+            raise ValueError(f"checkpoint file {str(file)!r} cannot be read: {err}") from err
+        if not isinstance(part, dict):
+            raise ValueError(f"checkpoint file {str(file)!r} holds a {type(part).__name__}, not a state dict")
+        state.update(part)
+    return state
+
+
+def _file_sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_sha256(path: str | Path) -> str:
+    """A content hash of a checkpoint's weight files (names within a directory included).
+
+    Hashing 10 GB of T5 takes a while, so file hashes are cached by (absolute path, size, mtime) in
+    ~/.cache/kiln/weights_sha256.json (`KILN_CACHE` moves it); a changed file is hashed again.
+    """
+    try:
+        cache = json.loads(_HASH_CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    parts, dirty = [], False
+    for file in weight_files(path):
+        st = file.stat()
+        key = f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in cache:
+            cache[key], dirty = _file_sha256(file), True
+        parts.append(f"{file.name}:{cache[key]}" if Path(path).is_dir() else cache[key])
+    if dirty:
+        try:
+            _HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _HASH_CACHE.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=0))
+            tmp.replace(_HASH_CACHE)
+        except OSError:
+            pass  # a read-only home only costs re-hashing
+    if Path(path).is_file():
+        return parts[0]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _listing(title: str, keys: list[str]) -> str:
+    shown = ", ".join(keys[:_LIST_MAX]) + (f", ... ({len(keys) - _LIST_MAX} more)" if len(keys) > _LIST_MAX else "")
+    return f"{len(keys)} {title}: {shown}"
+
+
+def strict_load(
+    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    what: str,
+    ignore_unexpected: tuple[str, ...] = (),
+) -> None:
+    """Load `state_dict` into `module`, refusing any missing, unexpected or mis-shaped key (all listed).
+
+    Tied parameters (one tensor under two names, as T5's `shared` and `encoder.embed_tokens`) count as loaded when
+    any of their names is in the checkpoint. `ignore_unexpected` names key prefixes the caller knowingly drops
+    (the decoder half of a full T5 checkpoint when only the encoder is built); nothing else is dropped.
+    """
+    own = module.state_dict(keep_vars=True)
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in own.items():
+        aliases.setdefault(id(tensor), []).append(name)
+    unexpected = sorted(k for k in state_dict if k not in own and not k.startswith(ignore_unexpected))
+    mis_shaped = sorted(
+        f"{k} (checkpoint {list(state_dict[k].shape)}, model {list(own[k].shape)})"
+        for k in state_dict
+        if k in own and state_dict[k].shape != own[k].shape
+    )
+    missing = sorted(
+        name for name, tensor in own.items() if not any(alias in state_dict for alias in aliases[id(tensor)])
+    )
+    if missing or unexpected or mis_shaped:
+        problems = [
+            _listing(title, keys)
+            for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+            if keys
+        ]
+        raise ValueError(f"{what} does not load strictly: " + "; ".join(problems))
+    present = {k: v for k, v in state_dict.items() if k in own}
+    for names in aliases.values():  # give every alias its value so load_state_dict(strict=True) is satisfied
+        source = next(n for n in names if n in present)
+        for name in names:
+            present.setdefault(name, present[source])
+    module.load_state_dict(present, strict=True, assign=any(p.is_meta for p in module.parameters()))
