@@ -15,6 +15,7 @@ Every VAE class has:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from hydra.utils import get_class
@@ -27,3 +28,10 @@ def config_provenance(node: DictConfig | dict) -> dict[str, Any]:
     cls = get_class(args.pop("_target_"))
     args.pop("_partial_", None)
     return cls.provenance(**args)
+
+
+def constructor_args(cls: type, **kwargs: Any) -> dict[str, Any]:
+    """Every constructor argument of `cls`, the given ones over the defaults (unknown names raise TypeError)."""
+    bound = inspect.signature(cls.__init__).bind(None, **kwargs)
+    bound.apply_defaults()
+    return {k: v for k, v in bound.arguments.items() if k != "self"}

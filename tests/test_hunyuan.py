@@ -1,0 +1,86 @@
+"""The HunyuanVideo VAE wrapper: Open-Sora's checkpoint names, strict loading, the 4k+1 rule, provenance."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from src.models.vae import config_provenance
+from src.models.vae.hunyuan import HunyuanVAE
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf/vae/hunyuan_tiny.yaml"))["arch"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return HunyuanVAE(arch=TINY)
+
+
+def test_default_diffusers_class_has_the_names_and_shapes_open_sora_distributes():
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    manifest = json.loads((FIXTURES / "hunyuan_vae_state_dict.json").read_text())
+    with torch.device("meta"):
+        state = AutoencoderKLHunyuanVideo().state_dict()
+    assert {k: list(v.shape) for k, v in state.items()} == manifest
+
+
+def test_encode_decode_shapes_and_frame_rule(tiny):
+    video = torch.rand(2, 3, 9, 32, 48) * 2 - 1
+    z = tiny.encode(video)
+    assert z.shape == (2, *tiny.latent_shape(9, 32, 48)) == (2, 16, 3, 4, 6)
+    assert tiny.decode(z).shape == video.shape
+    with pytest.raises(ValueError, match=r"8 frames .* 4k\+1 frames, e.g. 5 or 9"):
+        tiny.latent_shape(8, 32, 32)
+    with pytest.raises(ValueError, match="30x32 is not divisible"):
+        tiny.latent_shape(9, 30, 32)
+
+
+def test_mode_posterior_is_deterministic_and_scaled(tiny):
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    raw = tiny.vae.encode(video).latent_dist.mode()
+    assert torch.equal(tiny.encode(video), tiny.encode(video))
+    assert torch.allclose(tiny.encode(video), raw * 0.476986)
+
+
+def test_loads_a_single_file_and_a_diffusers_directory_strictly(tiny, tmp_path):
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    state = {k: v.contiguous() for k, v in tiny.vae.state_dict().items()}
+    save_file(state, tmp_path / "hunyuan_vae.safetensors")
+    from_file = HunyuanVAE(path=str(tmp_path / "hunyuan_vae.safetensors"), arch=TINY)
+    assert torch.equal(from_file.encode(video), tiny.encode(video))
+
+    tiny.vae.save_pretrained(tmp_path / "diffusers")  # config.json carries the tiny architecture
+    from_dir = HunyuanVAE(path=str(tmp_path / "diffusers"))
+    assert torch.equal(from_dir.encode(video), tiny.encode(video))
+
+
+def test_a_damaged_checkpoint_is_refused_listing_the_keys(tiny, tmp_path):
+    state = {k: v.contiguous() for k, v in tiny.vae.state_dict().items()}
+    state.pop("encoder.conv_in.conv.bias")
+    state["encoder.extra.weight"] = torch.zeros(1)
+    state["quant_conv.weight"] = torch.zeros(3, 3, 1, 1, 1)
+    save_file(state, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError) as err:
+        HunyuanVAE(path=str(tmp_path / "bad.safetensors"), arch=TINY)
+    message = str(err.value)
+    assert "1 missing: encoder.conv_in.conv.bias" in message
+    assert "1 unexpected: encoder.extra.weight" in message
+    assert "1 mis-shaped: quant_conv.weight (checkpoint [3, 3, 1, 1, 1]" in message
+    assert load_file(tmp_path / "bad.safetensors")  # the file itself is left as it was
+
+
+def test_provenance_from_config_equals_the_built_model(tiny, tmp_path):
+    node = OmegaConf.load(Path(__file__).parents[1] / "conf/vae/hunyuan.yaml")
+    node.dtype, node.arch = "float32", TINY
+    assert config_provenance(node) == tiny.describe()
+    save_file({k: v.contiguous() for k, v in tiny.vae.state_dict().items()}, tmp_path / "w.safetensors")
+    node.path = str(tmp_path / "w.safetensors")
+    recorded = config_provenance(node)
+    assert recorded["weights_sha256"] and recorded["weights_sha256"] != tiny.describe()["weights_sha256"]
+    assert recorded["scaling_factor"] == 0.476986 and recorded["latent_channels"] == 16
