@@ -1,0 +1,370 @@
+"""Video DC-AE (Open-Sora 2.0's `dc-ae-f32t4c128`) behind Kiln's VAE interface.
+
+A deterministic, non-causal autoencoder compressing 4 x 32 x 32 (time x space) into 128 channels. Each of the six
+stages holds blocks (3D ResBlocks in the first three, EfficientViT blocks with multi-scale linear attention in the
+last three) and, between stages, strided-conv downsampling (encoder) or interpolate+conv upsampling (decoder),
+both with parameter-free shortcuts; the downsampling after stages 3 and 4 (0-based) also halves time. The module
+tree reproduces the names of `F32T4C128_AE.safetensors`, loaded strictly. Blocks live in `dcae_blocks.py`.
+
+Open-Sora divides the encoder output by its `scaling_factor` 0.493; Kiln multiplies (latent = (z - shift) *
+scaling_factor), so the same latents come from Kiln's scaling_factor = 1 / 0.493, the default here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from src.models.vae.dcae_blocks import (
+    BLOCK_TYPES,
+    AveragingShortcut,
+    ConvLayer,
+    DuplicatingShortcut,
+    OpSequence,
+    Residual,
+    RMSNorm3d,
+    build_block,
+    downsample_block,
+    upsample_block,
+)
+from src.models.weights import read_state_dict, strict_load, weights_sha256
+
+log = logging.getLogger("kiln.vae")
+
+WIDTHS = (128, 256, 512, 512, 1024, 1024)
+ENCODER_DEPTHS = (2, 2, 2, 3, 3, 3)
+DECODER_DEPTHS = (3, 3, 3, 3, 3, 3)
+STAGE_BLOCKS = ("ResBlock", "ResBlock", "ResBlock", "EViTS5_GLU", "EViTS5_GLU", "EViTS5_GLU")
+TEMPORAL_STAGES = (3, 4)
+OPEN_SORA_SCALE = 0.493  # Open-Sora's latent is z / 0.493
+
+
+def _check_architecture(
+    widths: Sequence[int],
+    encoder_depths: Sequence[int],
+    decoder_depths: Sequence[int],
+    block_types: Sequence[str],
+    temporal_stages: Sequence[int],
+) -> None:
+    n = len(widths)
+    for name, values in (("encoder_depths", encoder_depths), ("decoder_depths", decoder_depths)):
+        if len(values) != n or min(values) < 1:
+            raise ValueError(f"{name}={list(values)}: give one depth >= 1 per stage ({n} stages, from widths)")
+    if len(block_types) != n or any(b not in BLOCK_TYPES for b in block_types):
+        raise ValueError(f"block_types={list(block_types)}: give one of {BLOCK_TYPES} per stage ({n} stages)")
+    if any(not 0 <= s < n - 1 for s in temporal_stages) or len(set(temporal_stages)) != len(temporal_stages):
+        raise ValueError(f"temporal_stages={list(temporal_stages)}: distinct stage indices in [0, {n - 2}]")
+
+
+class Encoder(nn.Module):
+    """(B, 3, T, H, W) -> (B, latent, T/2^k, H/2^(n-1), W/2^(n-1)); k = number of temporal stages."""
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        depths: Sequence[int],
+        block_types: Sequence[str],
+        temporal_stages: Sequence[int],
+        latent_channels: int,
+        head_dim: int,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        self.project_in = ConvLayer(in_channels, widths[0], 3, bias=True)
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths, strict=True)):
+            ops = [build_block(block_types[i], width, head_dim) for _ in range(depth)]
+            if i < len(widths) - 1:
+                ops.append(downsample_block(width, widths[i + 1], temporal=i in temporal_stages))
+            stages.append(OpSequence(ops))
+        self.stages = nn.ModuleList(stages)
+        # the latent is a conv of the last features plus their channel-group averages
+        head = OpSequence([ConvLayer(widths[-1], latent_channels, 3, bias=True)])
+        self.project_out = Residual(head, AveragingShortcut(widths[-1], latent_channels, factor=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.project_in(x)  # (B, W0, T, H, W)
+        for stage in self.stages:
+            x = stage(x)  # (B, W_{i+1}, T_i, H_i, W_i)
+        return self.project_out(x)  # (B, latent, T', H', W')
+
+
+class Decoder(nn.Module):
+    """(B, latent, T', H', W') -> (B, 3, T, H, W); a 1-frame latent decodes to 1 frame (an image)."""
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        depths: Sequence[int],
+        block_types: Sequence[str],
+        temporal_stages: Sequence[int],
+        latent_channels: int,
+        head_dim: int,
+        out_channels: int = 3,
+    ):
+        super().__init__()
+        # a conv of the latent plus the latent's channels repeated to the last width
+        conv = ConvLayer(latent_channels, widths[-1], 3, bias=True)
+        self.project_in = Residual(conv, DuplicatingShortcut(latent_channels, widths[-1], factor=1))
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths, strict=True)):
+            ops = []
+            if i < len(widths) - 1:
+                ops.append(upsample_block(widths[i + 1], width, temporal=i in temporal_stages))
+            ops.extend(build_block(block_types[i], width, head_dim) for _ in range(depth))
+            stages.append(OpSequence(ops))
+        self.stages = nn.ModuleList(stages)  # stored coarse-last (as the checkpoint), run in reverse
+        self.project_out = OpSequence([RMSNorm3d(widths[0]), nn.ReLU(), ConvLayer(widths[0], out_channels, 3)])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.project_in(z)  # (B, W_last, T', H', W')
+        for stage in reversed(self.stages):
+            x = stage(x)  # (B, W_i, T_i, H_i, W_i)
+        return self.project_out(x)  # (B, 3, T, H, W)
+
+
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Starts of tiles of length `tile` covering [0, size), evenly spread, consecutive starts <= `stride` apart."""
+    if size <= tile:
+        return [0]
+    count = math.ceil((size - tile) / stride) + 1
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
+def _ramp_weights(starts: list[int], tile: int, size: int, scale: int) -> list[torch.Tensor]:
+    """Per tile, a 1D blending weight in output units (latent units x `scale`): linear ramps over each overlap with
+    a neighbour (up at its start, down at its end), 1 elsewhere; always > 0, normalised by the caller."""
+    weights = []
+    for i, start in enumerate(starts):
+        length = min(tile, size - start) * scale
+        w = torch.ones(length)
+        if i > 0:
+            m = (starts[i - 1] + tile - start) * scale
+            if m > 0:
+                w[:m] *= torch.arange(1, m + 1) / (m + 1)
+        if i < len(starts) - 1:
+            m = (start + tile - starts[i + 1]) * scale
+            if m > 0:
+                w[length - m :] *= torch.arange(m, 0, -1) / (m + 1)
+        weights.append(w)
+    return weights
+
+
+def tiled_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    grid: tuple[int, int, int],
+    tile: tuple[int, int, int],
+    stride: tuple[int, int, int],
+    in_scale: tuple[int, int, int],
+    out_scale: tuple[int, int, int],
+) -> torch.Tensor:
+    """Apply `fn` to overlapping (T, H, W) tiles of `x` (B, C, T, H, W) and blend the outputs with linear ramps.
+
+    Tiles are laid out on a latent `grid` (T', H', W') with `tile` and at most `stride` latent units between starts;
+    one latent unit is `in_scale` units of `x` and `out_scale` units of `fn`'s output. The result is the
+    weight-normalised sum of the tiles' outputs, so a pointwise `fn` gives exactly its untiled result.
+    """
+    starts = [_tile_starts(n, t, s) for n, t, s in zip(grid, tile, stride, strict=True)]
+    if all(len(st) == 1 for st in starts):
+        return fn(x).float()  # one tile: no blending buffers
+    ramps = [_ramp_weights(st, t, n, o) for st, t, n, o in zip(starts, tile, grid, out_scale, strict=True)]
+    out = total = None
+    for it, t0 in enumerate(starts[0]):
+        for ih, h0 in enumerate(starts[1]):
+            for iw, w0 in enumerate(starts[2]):
+                (ft, fh, fw), (tt, th, tw) = in_scale, tile
+                piece = x[:, :, t0 * ft : (t0 + tt) * ft, h0 * fh : (h0 + th) * fh, w0 * fw : (w0 + tw) * fw]
+                y = fn(piece).float()  # (B, C_out, t, h, w)
+                if out is None:
+                    size = [n * o for n, o in zip(grid, out_scale, strict=True)]
+                    out = y.new_zeros(*y.shape[:2], *size)
+                    total = y.new_zeros(*size)
+                weight = torch.einsum("t,h,w->thw", ramps[0][it], ramps[1][ih], ramps[2][iw]).to(y.device)
+                (ot, oh, ow), (lt, lh, lw) = out_scale, y.shape[2:]
+                region = (slice(t0 * ot, t0 * ot + lt), slice(h0 * oh, h0 * oh + lh), slice(w0 * ow, w0 * ow + lw))
+                out[(slice(None), slice(None), *region)] += y * weight
+                total[region] += weight
+    return out / total
+
+
+class VideoDCAE(nn.Module):
+    """Video (B, 3, T, H, W) in [-1, 1] <-> latent (B, 128, T/4, H/32, W/32): Open-Sora 2.0's Video DC-AE.
+
+    `path`: `F32T4C128_AE.safetensors` (loaded strictly); null builds random weights (tests, demos: recorded as
+    `weights_sha256: null`). The architecture arguments default to the released model; smaller ones build tiny
+    test models with the same structure (compression 2^(stages - 1) in space, 2^len(temporal_stages) in time).
+    `temporal_stages`: 0-based stages whose down/upsampling also halves/doubles time. `head_dim`: channels per
+    linear-attention head (32 in the release). Frames: 1 (an image) or a multiple of the temporal factor with at
+    least 2 latent frames (a 1-frame latent is decoded as an image). Tiling (on by default, Open-Sora's sizes):
+    `tile_size` pixels x `tile_frames` frames, neighbours overlapping by `tile_overlap` of a tile, blended with
+    linear ramps in encode and decode; None turns off that direction.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        dtype: str = "float32",
+        scaling_factor: float = 1 / OPEN_SORA_SCALE,
+        shift_factor: float = 0.0,
+        latent_channels: int = 128,
+        widths: Sequence[int] = WIDTHS,
+        encoder_depths: Sequence[int] = ENCODER_DEPTHS,
+        decoder_depths: Sequence[int] = DECODER_DEPTHS,
+        block_types: Sequence[str] = STAGE_BLOCKS,
+        temporal_stages: Sequence[int] = TEMPORAL_STAGES,
+        head_dim: int = 32,
+        tiling: bool = True,
+        tile_size: int | None = 256,
+        tile_frames: int | None = 32,
+        tile_overlap: float = 0.25,
+    ):
+        super().__init__()
+        widths, block_types, temporal_stages = list(widths), list(block_types), list(temporal_stages)
+        encoder_depths, decoder_depths = list(encoder_depths), list(decoder_depths)
+        _check_architecture(widths, encoder_depths, decoder_depths, block_types, temporal_stages)
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"Video DC-AE checkpoint {path!r} does not exist")
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype: use float32, bfloat16 or float16")
+        self.spatial_compression = 2 ** (len(widths) - 1)
+        self.temporal_compression = 2 ** len(temporal_stages)
+        self.latent_channels = latent_channels
+        self.scaling_factor = scaling_factor
+        self.shift_factor = shift_factor
+        self._check_tiling(tiling, tile_size, tile_frames, tile_overlap)
+        self.args = dict(
+            path=path,
+            dtype=dtype,
+            scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
+            latent_channels=latent_channels,
+            widths=widths,
+            encoder_depths=encoder_depths,
+            decoder_depths=decoder_depths,
+            block_types=block_types,
+            temporal_stages=temporal_stages,
+            head_dim=head_dim,
+            tiling=tiling,
+            tile_size=tile_size,
+            tile_frames=tile_frames,
+            tile_overlap=tile_overlap,
+        )
+        arch = (block_types, temporal_stages, latent_channels, head_dim)
+        with torch.device("meta") if path is not None else nullcontext():  # weights come from the file
+            self.encoder = Encoder(widths, encoder_depths, *arch)
+            self.decoder = Decoder(widths, decoder_depths, *arch)
+        if path is None:
+            log.warning("Video DC-AE with RANDOM weights (path: null): for tests and demos only")
+        else:
+            strict_load(self, read_state_dict(path), f"Video DC-AE {path}")
+        self.to(getattr(torch, dtype)).eval().requires_grad_(False)
+
+    def _check_tiling(self, tiling: bool, size: int | None, frames: int | None, overlap: float) -> None:
+        if not tiling:
+            return
+        s, t = self.spatial_compression, self.temporal_compression
+        if size is not None and (size < s or size % s):
+            raise ValueError(f"tile_size={size} must be a positive multiple of the spatial factor {s}")
+        if frames is not None and (frames < 2 * t or frames % t):
+            raise ValueError(f"tile_frames={frames} must be a multiple of {t} and at least {2 * t}")
+        if not 0 <= overlap < 1:
+            raise ValueError(f"tile_overlap={overlap} must be in [0, 1)")
+
+    def check_frames(self, num_frames: int) -> None:
+        """Non-causal: 1 frame (an image) or a multiple of the temporal factor giving at least 2 latent frames."""
+        t = self.temporal_compression
+        if num_frames == 1 or (num_frames % t == 0 and num_frames >= 2 * t) or (t == 1 and num_frames >= 1):
+            return
+        above = max(2 * t, -(-num_frames // t) * t)
+        raise ValueError(
+            f"{num_frames} frames do not fit the Video DC-AE: use 1 (an image) or a multiple of {t} from {2 * t} "
+            f"(e.g. {above}); {t} frames would give a 1-frame latent, which decodes as an image"
+        )
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, T', H', W') of the latent of a (frames, height, width) video."""
+        self.check_frames(frames)
+        s = self.spatial_compression
+        if height < s or width < s or height % s or width % s:
+            raise ValueError(f"video size {height}x{width} does not fit the Video DC-AE: use multiples of {s}")
+        latent_frames = 1 if frames == 1 else frames // self.temporal_compression
+        return self.latent_channels, latent_frames, height // s, width // s
+
+    def _latent_tile(self, grid: tuple[int, int, int]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """Tile and stride in latent units for a latent grid (T', H', W'); a direction without tiling is whole."""
+        args, s, t = self.args, self.spatial_compression, self.temporal_compression
+        on = args["tiling"]
+        frames = args["tile_frames"] // t if on and args["tile_frames"] else grid[0]
+        side = args["tile_size"] // s if on and args["tile_size"] else max(grid[1:])
+        tile = (frames, side, side)
+        stride = tuple(max(1, n - int(n * args["tile_overlap"])) for n in tile)
+        return tile, stride
+
+    def _scales(self, latent_frames: int) -> tuple[int, int, int]:
+        t = self.temporal_compression if latent_frames > 1 else 1
+        return t, self.spatial_compression, self.spatial_compression
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> (B, C, T', H', W'), shifted and scaled, fp32."""
+        _, *grid = self.latent_shape(*video.shape[-3:])
+        tile, stride = self._latent_tile(tuple(grid))
+        x = video.to(next(self.parameters()).dtype)
+        scale = self._scales(grid[0])
+        z = tiled_apply(self.encoder, x, tuple(grid), tile, stride, scale, (1, 1, 1))  # (B, C, T', H', W')
+        return (z - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, T', H', W') -> (B, 3, T, H, W) in about [-1, 1], fp32; a 1-frame latent gives 1 frame."""
+        if z.ndim != 5 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"latent of shape {tuple(z.shape)}: expected (B, {self.latent_channels}, T', H', W')")
+        grid = tuple(z.shape[2:])
+        tile, stride = self._latent_tile(grid)
+        z = (z.float() / self.scaling_factor + self.shift_factor).to(next(self.parameters()).dtype)
+        return tiled_apply(self.decoder, z, grid, tile, stride, (1, 1, 1), self._scales(grid[0]))
+
+    @classmethod
+    def provenance(
+        cls,
+        path: str | None = None,
+        dtype: str = "float32",
+        scaling_factor: float = 1 / OPEN_SORA_SCALE,
+        shift_factor: float = 0.0,
+        latent_channels: int = 128,
+        widths: Sequence[int] = WIDTHS,
+        encoder_depths: Sequence[int] = ENCODER_DEPTHS,
+        decoder_depths: Sequence[int] = DECODER_DEPTHS,
+        block_types: Sequence[str] = STAGE_BLOCKS,
+        temporal_stages: Sequence[int] = TEMPORAL_STAGES,
+        head_dim: int = 32,
+        tiling: bool = True,
+        tile_size: int | None = 256,
+        tile_frames: int | None = 32,
+        tile_overlap: float = 0.25,
+    ) -> dict:
+        """What a cache encoded with this VAE depends on (see `src.models.vae`); builds nothing, loads no weights."""
+        return {
+            "name": "dcae",
+            "weights_sha256": weights_sha256(path) if path else None,
+            "dtype": dtype,
+            "spatial_compression": 2 ** (len(widths) - 1),
+            "temporal_compression": 2 ** len(temporal_stages),
+            "latent_channels": latent_channels,
+            "scaling_factor": scaling_factor,
+            "shift_factor": shift_factor,
+            "tiling": {"tile_size": tile_size, "tile_frames": tile_frames, "tile_overlap": tile_overlap}
+            if tiling
+            else None,
+            "posterior": "deterministic",
+        }
+
+    def describe(self) -> dict:
+        return self.provenance(**self.args)
