@@ -22,6 +22,7 @@ SMALL = dict(
     decoder_depths=[1, 1, 1, 1, 1, 1],
     latent_channels=32,
     head_dim=8,
+    random_init=True,
 )
 
 
@@ -43,7 +44,7 @@ def tiny() -> VideoDCAE:
 
 def test_full_state_dict_equals_the_released_manifest():
     with torch.device("meta"):
-        model = VideoDCAE(**kwargs("dcae"))
+        model = VideoDCAE(**{**kwargs("dcae"), "random_init": True})
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     # a copy of shared/reference/dcae_f32t4c128_state_dict.json (F32T4C128_AE.safetensors' names and shapes)
     manifest = json.loads((ROOT / "tests/fixtures/dcae_f32t4c128_state_dict.json").read_text())
@@ -119,6 +120,8 @@ def test_strict_loading_through_the_config(tmp_path, monkeypatch, tiny):
         assert key in str(err.value)
     with pytest.raises(ValueError, match="does not exist"):
         VideoDCAE(path=str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ValueError, match="vae.path is null: point it to Open-Sora's F32T4C128_AE.safetensors"):
+        VideoDCAE(**{**SMALL, "random_init": False})
 
 
 def test_provenance_without_building_equals_describe(tiny):

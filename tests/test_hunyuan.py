@@ -18,7 +18,7 @@ TINY = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf/v
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return HunyuanVAE(arch=TINY)
+    return HunyuanVAE(arch=TINY, random_init=True)
 
 
 def test_default_diffusers_class_has_the_names_and_shapes_open_sora_distributes():
@@ -84,3 +84,10 @@ def test_provenance_from_config_equals_the_built_model(tiny, tmp_path):
     recorded = config_provenance(node)
     assert recorded["weights_sha256"] and recorded["weights_sha256"] != tiny.describe()["weights_sha256"]
     assert recorded["scaling_factor"] == 0.476986 and recorded["latent_channels"] == 16
+
+
+def test_random_weights_need_an_explicit_opt_in():
+    with pytest.raises(ValueError, match="vae.path is null: point it to Open-Sora's hunyuan_vae.safetensors"):
+        HunyuanVAE(arch=TINY)
+    with pytest.raises(ValueError, match="does not exist"):
+        HunyuanVAE(path="/nowhere/hunyuan_vae.safetensors")

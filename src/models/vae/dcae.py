@@ -17,10 +17,12 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from src.models.vae import constructor_args
 from src.models.vae.dcae_blocks import (
     BLOCK_TYPES,
     AveragingShortcut,
@@ -197,9 +199,10 @@ def tiled_apply(
 class VideoDCAE(nn.Module):
     """Video (B, 3, T, H, W) in [-1, 1] <-> latent (B, 128, T/4, H/32, W/32): Open-Sora 2.0's Video DC-AE.
 
-    `path`: `F32T4C128_AE.safetensors` (loaded strictly); null builds random weights (tests, demos: recorded as
-    `weights_sha256: null`). The architecture arguments default to the released model; smaller ones build tiny
-    test models with the same structure (compression 2^(stages - 1) in space, 2^len(temporal_stages) in time).
+    `path`: `F32T4C128_AE.safetensors` (loaded strictly); random weights need `path: null` and `random_init: true`
+    (tests, demos: recorded as `weights_sha256: null`). The architecture arguments default to the released model;
+    smaller ones build tiny test models with the same structure (compression 2^(stages - 1) in space,
+    2^len(temporal_stages) in time).
     `temporal_stages`: 0-based stages whose down/upsampling also halves/doubles time. `head_dim`: channels per
     linear-attention head (32 in the release). Frames: 1 (an image) or a multiple of the temporal factor with at
     least 2 latent frames (a 1-frame latent is decoded as an image). Tiling (on by default, Open-Sora's sizes):
@@ -224,11 +227,17 @@ class VideoDCAE(nn.Module):
         tile_size: int | None = 256,
         tile_frames: int | None = 32,
         tile_overlap: float = 0.25,
+        random_init: bool = False,
     ):
         super().__init__()
         widths, block_types, temporal_stages = list(widths), list(block_types), list(temporal_stages)
         encoder_depths, decoder_depths = list(encoder_depths), list(decoder_depths)
         _check_architecture(widths, encoder_depths, decoder_depths, block_types, temporal_stages)
+        if path is None and not random_init:
+            raise ValueError(
+                "vae.path is null: point it to Open-Sora's F32T4C128_AE.safetensors "
+                "(random weights only with vae.random_init=true, for tests)"
+            )
         if path is not None and not Path(path).exists():
             raise ValueError(f"Video DC-AE checkpoint {path!r} does not exist")
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -255,6 +264,7 @@ class VideoDCAE(nn.Module):
             tile_size=tile_size,
             tile_frames=tile_frames,
             tile_overlap=tile_overlap,
+            random_init=random_init,
         )
         arch = (block_types, temporal_stages, latent_channels, head_dim)
         with torch.device("meta") if path is not None else nullcontext():  # weights come from the file
@@ -332,37 +342,20 @@ class VideoDCAE(nn.Module):
         return tiled_apply(self.decoder, z, grid, tile, stride, (1, 1, 1), self._scales(grid[0]))
 
     @classmethod
-    def provenance(
-        cls,
-        path: str | None = None,
-        dtype: str = "float32",
-        scaling_factor: float = 1 / OPEN_SORA_SCALE,
-        shift_factor: float = 0.0,
-        latent_channels: int = 128,
-        widths: Sequence[int] = WIDTHS,
-        encoder_depths: Sequence[int] = ENCODER_DEPTHS,
-        decoder_depths: Sequence[int] = DECODER_DEPTHS,
-        block_types: Sequence[str] = STAGE_BLOCKS,
-        temporal_stages: Sequence[int] = TEMPORAL_STAGES,
-        head_dim: int = 32,
-        tiling: bool = True,
-        tile_size: int | None = 256,
-        tile_frames: int | None = 32,
-        tile_overlap: float = 0.25,
-    ) -> dict:
+    def provenance(cls, **kwargs: Any) -> dict:
         """What a cache encoded with this VAE depends on (see `src.models.vae`); builds nothing, loads no weights."""
+        args = constructor_args(cls, **kwargs)
+        tiling = {k: args[k] for k in ("tile_size", "tile_frames", "tile_overlap")} if args["tiling"] else None
         return {
             "name": "dcae",
-            "weights_sha256": weights_sha256(path) if path else None,
-            "dtype": dtype,
-            "spatial_compression": 2 ** (len(widths) - 1),
-            "temporal_compression": 2 ** len(temporal_stages),
-            "latent_channels": latent_channels,
-            "scaling_factor": scaling_factor,
-            "shift_factor": shift_factor,
-            "tiling": {"tile_size": tile_size, "tile_frames": tile_frames, "tile_overlap": tile_overlap}
-            if tiling
-            else None,
+            "weights_sha256": weights_sha256(args["path"]) if args["path"] else None,
+            "dtype": args["dtype"],
+            "spatial_compression": 2 ** (len(args["widths"]) - 1),
+            "temporal_compression": 2 ** len(args["temporal_stages"]),
+            "latent_channels": args["latent_channels"],
+            "scaling_factor": args["scaling_factor"],
+            "shift_factor": args["shift_factor"],
+            "tiling": tiling,
             "posterior": "deterministic",
         }
 

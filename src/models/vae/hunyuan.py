@@ -35,8 +35,9 @@ def _architecture(path: str | None, arch: dict[str, Any] | None) -> dict[str, An
 class HunyuanVAE(nn.Module):
     """Video (B, 3, 4k+1, H, W) in [-1, 1] <-> latent (B, 16, k+1, H/8, W/8), scaled by 0.476986.
 
-    `path`: a `hunyuan_vae.safetensors` file or a diffusers directory; null builds random weights (tests only:
-    recorded as `weights_sha256: null`, so a cache made that way never passes for the real VAE). `arch` overrides
+    `path`: a `hunyuan_vae.safetensors` file or a diffusers directory. Random weights need `path: null` and
+    `random_init: true` (tiny test models; recorded as `weights_sha256: null`, so such a cache never passes for
+    the real VAE). `arch` overrides
     the diffusers config (tiny test models). `posterior`: `mode` (deterministic, the default for caches) or
     `sample`. Tiling (diffusers' own, spatial and temporal) is on by default with Open-Sora's sizes.
     """
@@ -54,12 +55,18 @@ class HunyuanVAE(nn.Module):
         tile_frames: int = 16,
         tile_frame_stride: int = 12,
         arch: dict[str, Any] | None = None,
+        random_init: bool = False,
     ):
         super().__init__()
         from diffusers import AutoencoderKLHunyuanVideo
 
         if posterior not in POSTERIORS:
             raise ValueError(f"posterior={posterior!r}: use one of {POSTERIORS}")
+        if path is None and not random_init:
+            raise ValueError(
+                "vae.path is null: point it to Open-Sora's hunyuan_vae.safetensors or a diffusers directory "
+                "(random weights only with vae.random_init=true, for tests)"
+            )
         if path is not None and not Path(path).exists():
             raise ValueError(f"HunyuanVideo VAE checkpoint {path!r} does not exist")
         self.args = dict(
@@ -74,6 +81,7 @@ class HunyuanVAE(nn.Module):
             tile_frames=tile_frames,
             tile_frame_stride=tile_frame_stride,
             arch=arch,
+            random_init=random_init,
         )
         self.vae = AutoencoderKLHunyuanVideo(**_architecture(path, arch))
         if path is None:
