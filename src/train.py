@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
+from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
 from src.diffusion.flow import drop_text
 from src.flops import peak_flops, step_flops
@@ -29,33 +30,50 @@ from src.metrics import StepWindow, truncate_after
 from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
 
 log = logging.getLogger("kiln.train")
+FAILURES = tuple(dict.fromkeys(DECODE_FAILURES + READ_FAILURES))  # per-rank counters, summed over ranks when logged
 # DeepSpeed calls the collectives torch renamed; the warning would repeat on every step.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
 
-def check_compatible(model: torch.nn.Module, vae, text) -> None:
-    """Refuse a model whose input layers do not fit the configured VAE and text encoder."""
+def check_compatible(model: torch.nn.Module, latent_channels: int, txt_dim: int, vec_dim: int) -> None:
+    """Refuse a model whose input layers do not fit the features (from the encoders or from the cache)."""
     problems = []
-    if model.in_channels != vae.latent_channels:
-        problems.append(f"model.in_channels={model.in_channels} but the VAE gives {vae.latent_channels} channels")
-    if model.txt_in.in_features != text.dim:
-        problems.append(f"model.txt_dim={model.txt_in.in_features} but the text encoder gives {text.dim}")
-    if model.vector_in.in_layer.in_features != text.pooled_dim:
-        problems.append(
-            f"model.vec_dim={model.vector_in.in_layer.in_features} but the pooled text is {text.pooled_dim}"
-        )
+    if model.in_channels != latent_channels:
+        problems.append(f"model.in_channels={model.in_channels} but the VAE gives {latent_channels} channels")
+    if model.txt_in.in_features != txt_dim:
+        problems.append(f"model.txt_dim={model.txt_in.in_features} but the text features have {txt_dim}")
+    if model.vector_in.in_layer.in_features != vec_dim:
+        problems.append(f"model.vec_dim={model.vector_in.in_layer.in_features} but the pooled text has {vec_dim}")
     if problems:
-        raise ValueError("model does not match its encoders: " + "; ".join(problems))
+        raise ValueError("model does not match its features: " + "; ".join(problems))
 
 
-def check_buckets(buckets, vae, model: torch.nn.Module) -> None:
-    """Every bucket must give whole latents (the VAE's frame and size rules) and whole patches."""
+def bucket_latent_shapes(buckets, vae) -> dict[str, tuple[int, ...]]:
+    """(C, T', H', W') of every configured bucket; a bucket the VAE cannot encode is an error naming it."""
+    shapes = {}
     for bucket in buckets.all_buckets():
         try:
-            latent = vae.latent_shape(bucket.num_frames, bucket.height, bucket.width)  # (C, T', H', W')
-            model.token_grid(latent)
+            shapes[bucket.name] = vae.latent_shape(bucket.num_frames, bucket.height, bucket.width)
         except ValueError as err:
-            raise ValueError(f"bucket {bucket.name} does not fit the VAE and the model: {err}") from err
+            raise ValueError(f"bucket {bucket.name} does not fit the VAE: {err}") from err
+    return shapes
+
+
+def check_patches(latent_shapes: dict[str, tuple[int, ...]], model: torch.nn.Module) -> None:
+    """Every bucket's latent must split into whole patches."""
+    for name, shape in latent_shapes.items():
+        try:
+            model.token_grid(shape)
+        except ValueError as err:
+            raise ValueError(f"bucket {name} does not fit the model: {err}") from err
+
+
+def encoded(batch: dict, text, vae, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x0 (B, C, T', H', W'), txt (B, L, D), vec (B, Dv) of a batch: read from the cache, or encoded now."""
+    if "latent" in batch:  # data=cached: the features were computed by src.preprocess
+        return (batch[k].to(device, non_blocking=True) for k in ("latent", "txt", "vec"))
+    x0 = vae.encode(batch["video"].to(device, non_blocking=True))  # (B, 3, T, H, W) in [-1, 1] -> latent
+    return (x0, *text(batch["caption"]))
 
 
 def check_knobs(cfg: DictConfig) -> None:
@@ -77,12 +95,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-
-    text = instantiate(cfg.text).to(device)
-    vae = instantiate(cfg.vae).to(device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, whatever the encoders
     model = instantiate(cfg.model)
-    check_compatible(model, vae, text)
     n_params = sum(p.numel() for p in model.parameters())  # before sharding hides them
     flow = instantiate(cfg.diffusion)
     engine = instantiate(cfg.parallel)(
@@ -102,10 +116,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     loader = instantiate(cfg.data)(
         dp_rank=dist.dp_rank, dp_world=dist.dp_world, seed=cfg.seed, state=state["data"], skip_dir=run_dir / "skipped"
     )
-    check_buckets(loader.dataset.planner.buckets, vae, model)
-    skipped = Counter(state["skipped"]) if step else Counter(s.reason for s in loader.dataset.scan_skips)
+    data = loader.dataset
+    if getattr(data, "cached", False):  # features from src.preprocess, provenance checked: no encoder is built
+        text = vae = None
+        null_txt, null_vec = data.null_features()  # (1, L, D), (1, Dv): the cache's empty prompt, for CFG
+        latent_shapes, (txt_dim, vec_dim) = data.latent_shapes, data.text_dims
+    else:
+        text = instantiate(cfg.text).to(device)
+        vae = instantiate(cfg.vae).to(device)
+        null_txt, null_vec = text([""])  # (1, L, D), (1, Dv): the unconditional prompt for CFG
+        latent_shapes, txt_dim, vec_dim = bucket_latent_shapes(data.planner.buckets, vae), text.dim, text.pooled_dim
+    null_txt, null_vec = null_txt.to(device), null_vec.to(device)
+    check_compatible(model, next(iter(latent_shapes.values()))[0], txt_dim, vec_dim)
+    check_patches(latent_shapes, model)
+    skipped = Counter(state["skipped"]) if step else Counter(s.reason for s in data.scan_skips)
     failed = Counter(state["failed"])  # this rank's decode failures
-    null_txt, null_vec = text([""])  # (1, L, D), (1, Dv): the unconditional prompt for CFG
     logger = instantiate(cfg.logger)(
         run_dir=run_dir, enabled=dist.is_main, config=OmegaConf.to_container(cfg, resolve=True)
     )
@@ -121,10 +146,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         batch = next(batches)  # one bucket: every clip of the batch has the same shape
         data_wait = time.perf_counter() - t0
 
-        video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, H, W) in [-1, 1]
         valid = batch["valid"].to(device, non_blocking=True)  # (B,) False where a clip failed to decode
-        x0 = vae.encode(video)  # (B, C, T', H', W')
-        txt, vec = text(batch["caption"])  # (B, L, D), (B, Dv)
+        x0, txt, vec = encoded(batch, text, vae, device)  # (B, C, T', H', W'), (B, L, D), (B, Dv)
         x_t, t, target, drop = flow.training_inputs(x0, batch["index"], cfg.seed)
         txt, vec = drop_text(txt, vec, null_txt[0], null_vec[0], drop)
 
@@ -146,7 +169,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         if step % cfg.log_every == 0 or step == cfg.steps:
             row = window.row(step, engine.lr(), grad_norm, samples_seen)
             row["bucket"] = batch["bucket"]
-            row["skipped"] = {**skipped, **all_sum_counts({r: failed[r] for r in DECODE_FAILURES})}
+            row["skipped"] = {**skipped, **all_sum_counts({r: failed[r] for r in FAILURES})}
             logger.log(row)
             progress.set_postfix(
                 loss=f"{row['loss']:.4f}",

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from src.train import check_buckets, check_compatible
+from src.train import bucket_latent_shapes, check_compatible, check_patches
 from tests.conftest import ROOT
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
@@ -25,7 +25,23 @@ def encoder(text_cfg_yaml: str):
 
 
 def test_the_required_experiments_exist():
-    assert {"smoke", "demo"} <= set(EXPERIMENTS)
+    assert {"smoke", "demo", "stage1", "dcae", "stage1_tiny", "dcae_tiny"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize(("name", "channels", "patch"), [("stage1", 16, [1, 2, 2]), ("dcae", 128, [1, 1, 1])])
+def test_recipe_experiments_train_from_the_cache_with_the_recipes_latents(name, channels, patch):
+    cfg = compose_experiment(name)
+    assert cfg.data._target_ == "src.data.cached.build_cached_loader"
+    assert cfg.model.in_channels == channels and list(cfg.model.patch_size) == patch
+    assert cfg.text._target_.endswith("T5CLIPTextEncoder") and cfg.text.max_length == 512
+
+
+def text_dims(text_cfg) -> tuple[int, int]:
+    """(token dim, pooled dim) of a text config: built when it needs no weights path, else from its provenance."""
+    if "t5_path" in text_cfg and text_cfg.t5_path is None:
+        return 4096, 768  # T5-v1.1-XXL d_model, CLIP-L/14 pooled: the recipe's encoders (weights are the user's)
+    text = encoder(OmegaConf.to_yaml(text_cfg))
+    return text.dim, text.pooled_dim
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -35,10 +51,11 @@ def test_experiment_composes_and_instantiates(name):
         assert isinstance(cfg[key], int), key
     with torch.device("meta"):
         model = instantiate(cfg.model)
-    vae = instantiate(cfg.vae)
-    text = encoder(OmegaConf.to_yaml(cfg.text))
-    check_compatible(model, vae, text)
-    check_buckets(instantiate(cfg.data.buckets), vae, model)
+        opt_in = {} if cfg.vae._target_.endswith("PatchVAE") else {"random_init": True}
+        vae = instantiate(cfg.vae, **opt_in)  # real checkpoints are the user's: the architecture suffices
+    shapes = bucket_latent_shapes(instantiate(cfg.data.buckets), vae)
+    check_compatible(model, vae.latent_channels, *text_dims(cfg.text))
+    check_patches(shapes, model)
     for group in ("data", "parallel", "logger", "optim.optimizer", "optim.scheduler"):
         node = OmegaConf.select(cfg, group)
         assert "_target_" in node, group
@@ -59,7 +76,7 @@ def test_mismatched_encoders_are_refused():
     with torch.device("meta"):
         model = instantiate(cfg.model)
     with pytest.raises(ValueError, match=r"in_channels=16 but the VAE gives 48.*txt_dim=4096"):
-        check_compatible(model, instantiate(cfg.vae), encoder(OmegaConf.to_yaml(cfg.text)))
+        check_compatible(model, instantiate(cfg.vae).latent_channels, *text_dims(cfg.text))
 
 
 @pytest.mark.parametrize(
@@ -84,5 +101,7 @@ def test_buckets_that_do_not_fit_the_vae_and_patch_are_refused():
     with torch.device("meta"):
         model = instantiate(cfg.model)
     odd = BucketConfig({"20px": {"8": [1.0, 2]}}, aspect_ratios=["1:1"], size_multiple=4)  # 20x20 -> 5x5 latent
-    with pytest.raises(ValueError, match=r"bucket 20px/8f/20x20 does not fit the VAE and the model.*patch_size"):
-        check_buckets(odd, instantiate(cfg.vae), model)
+    with pytest.raises(ValueError, match=r"bucket 20px/8f/20x20 does not fit the model.*patch_size"):
+        check_patches(bucket_latent_shapes(odd, instantiate(cfg.vae)), model)
+    with pytest.raises(ValueError, match=r"bucket 20px/8f/20x20 does not fit the VAE.*not divisible"):
+        bucket_latent_shapes(odd, instantiate(cfg.vae, spatial=8))

@@ -219,6 +219,15 @@ def scan_shards(urls: Sequence[str], retries: int = 3, retry_wait: float = 1.0) 
     return shards, skips
 
 
+def read_at(f, loc: tuple[int, int]) -> bytes:
+    """The bytes of a tar member at (offset, size) of an open file; OSError when the file ends early."""
+    f.seek(loc[0])
+    data = f.read(loc[1])
+    if len(data) != loc[1]:
+        raise OSError(f"member at byte {loc[0]} ends after {len(data)} of {loc[1]} bytes")
+    return data
+
+
 class MemberReader:
     """Reads the caption and media bytes of catalogued samples: by offset for local shards, by streaming
     (keeping the last streamed shard in memory) for the others. One per DataLoader worker."""
@@ -257,11 +266,7 @@ class MemberReader:
 
     @staticmethod
     def _read_at(f, loc: tuple[int, int]) -> bytes:
-        f.seek(loc[0])
-        data = f.read(loc[1])
-        if len(data) != loc[1]:
-            raise OSError(f"member at byte {loc[0]} ends after {len(data)} of {loc[1]} bytes")
-        return data
+        return read_at(f, loc)
 
     def close(self) -> None:
         for f in self.files.values():

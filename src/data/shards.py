@@ -20,14 +20,15 @@ import multiprocessing
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from src.data.buckets import BucketConfig
-from src.data.catalog import MemberReader, Skip, expand_urls, scan_shards
+from src.data.buckets import Bucket, BucketConfig
+from src.data.catalog import MemberReader, SampleInfo, ShardInfo, Skip, expand_urls, scan_shards
 from src.data.plan import GlobalBatch, Planner, check_fits
 from src.data.video import VideoDecodeError, decode_clip, fits
 
@@ -64,6 +65,42 @@ def failure_reason(err: Exception) -> str:
     return "bad_caption" if isinstance(err, UnicodeDecodeError) else "read_error"
 
 
+@dataclass(frozen=True)
+class ClipOptions:
+    """How clips are cut from videos: target fps, frame stride, crop. Shared by training and preprocessing."""
+
+    fps: float | None = None
+    frame_stride: int = 1
+    crop: str = "center"
+
+    def __post_init__(self):
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"crop {self.crop!r} is not 'center' or 'random'")
+
+    def can_supply(self, meta: Mapping, num_frames: int) -> bool:
+        """Whether a video with probe `meta` holds a clip of `num_frames` frames."""
+        return fits(meta, num_frames, self.frame_stride, self.fps, clip_window(meta))
+
+    def decode(
+        self, reader: MemberReader, shard: ShardInfo, sample: SampleInfo, bucket: Bucket, rng_seed: str
+    ) -> tuple[torch.Tensor, str]:
+        """One clip (3, T, H, W) in [-1, 1] of the bucket's shape and its caption; raises VideoDecodeError,
+        UnicodeDecodeError or OSError when the sample cannot be used. Random starts and crops follow `rng_seed`."""
+        media, caption = reader.read(shard, sample)
+        video = decode_clip(
+            media,
+            bucket.num_frames,
+            bucket.height,
+            bucket.width,
+            self.frame_stride,
+            fps=self.fps,
+            window=clip_window(sample.meta),
+            rng=random.Random(rng_seed),
+            crop=self.crop,
+        )  # (3, T, H, W)
+        return video, caption
+
+
 class VideoShardDataset(IterableDataset):
     """This rank's batches: dicts with `video` (B, 3, T, H, W) in [-1, 1], `caption`, `key`, `index` (B,) global
     sample numbers, `valid` (B,) bool, `bucket` name, `state` (the plan after this batch), `failed` (this rank's decode
@@ -88,9 +125,8 @@ class VideoShardDataset(IterableDataset):
         super().__init__()
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank must be in [0, {dp_world}), got {dp_rank}")
-        if crop not in ("center", "random"):
-            raise ValueError(f"crop {crop!r} is not 'center' or 'random'")
-        self.dp_rank, self.seed, self.fps, self.frame_stride, self.crop = dp_rank, seed, fps, frame_stride, crop
+        self.dp_rank, self.seed = dp_rank, seed
+        self.clips = ClipOptions(fps, frame_stride, crop)
         self.skip_dir = skip_dir
         shards, self.scan_skips = scan_shards(expand_urls(urls), retries=shard_retries)
         if dp_rank == 0:
@@ -106,7 +142,7 @@ class VideoShardDataset(IterableDataset):
         )
 
     def can_supply(self, meta: Mapping, num_frames: int) -> bool:
-        return fits(meta, num_frames, self.frame_stride, self.fps, clip_window(meta))
+        return self.clips.can_supply(meta, num_frames)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -124,20 +160,8 @@ class VideoShardDataset(IterableDataset):
         videos, captions, keys, valid, skips = [], [], [], [], []
         for g in batch.rank_slice(self.dp_rank):
             shard, sample = self.planner.locate(g)
-            window = clip_window(sample.meta)
             try:
-                media, caption = reader.read(shard, sample)
-                video = decode_clip(
-                    media,
-                    bucket.num_frames,
-                    bucket.height,
-                    bucket.width,
-                    self.frame_stride,
-                    fps=self.fps,
-                    window=window,
-                    rng=random.Random(f"{self.seed}/clip/{g}"),
-                    crop=self.crop,
-                )  # (3, T, H, W)
+                video, caption = self.clips.decode(reader, shard, sample, bucket, f"{self.seed}/clip/{g}")
                 ok = True
             except (VideoDecodeError, UnicodeDecodeError, OSError) as err:
                 skips.append(Skip(f"{shard.url}:{sample.key}", failure_reason(err), str(err)))
@@ -178,6 +202,11 @@ def build_loader(
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     dataset = VideoShardDataset(urls, buckets, dp_rank, dp_world, **options)
+    return plan_order_loader(dataset, num_workers, pin_memory)
+
+
+def plan_order_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over a dataset that batches itself in plan order (worker w takes batches w, w + n, ...)."""
     context = None
     if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("fork")

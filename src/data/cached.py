@@ -1,0 +1,243 @@
+"""Training from feature shards (`data=cached`): no text encoder or VAE in memory, provenance checked.
+
+The cache is read through the same global batch plan as video shards (`plan.py`): identical on every rank,
+split by data-parallel rank, seeded shuffling, exact resume. Each sample's bucket was fixed when it was
+encoded; the run's bucket config only gives the batch size of each (resolution, frames), and a cached bucket
+the config does not list is skipped and counted.
+
+Every shard's sidecar is checked against the provenance this run's `text` and `vae` configs would record
+before the first step, and the header inside each tar again when a loader worker first opens it, so a shard
+replaced while the run streams is refused too. The null (empty-prompt) features for classifier-free guidance
+come from the cache's headers, which must all agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import load as load_tensors
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from src.data.buckets import Bucket, BucketConfig
+from src.data.catalog import SampleInfo, ShardInfo, Skip, expand_urls, is_local, local_path, read_at
+from src.data.feature_shards import HEADER_KEY, index_tar, sidecar_path
+from src.data.plan import GlobalBatch, Planner
+from src.data.provenance import ProvenanceError, check_provenance, expected_provenance
+from src.data.shards import plan_order_loader, write_skips
+
+log = logging.getLogger(__name__)
+READ_FAILURES = ("read_error", "nonfinite")
+
+
+class CachedBuckets:
+    """The plan's bucket rule for cached samples: the bucket recorded at encoding, with the configured batch."""
+
+    def __init__(self, config: BucketConfig):
+        self.config = config
+        self.batch = {(res, frames): batch for res, opts in config.frames.items() for frames, _, batch in opts}
+
+    def assign(self, meta: Mapping, rng: random.Random | None = None, can_supply: Any = None) -> Bucket | None:
+        b = meta["bucket"]
+        batch = self.batch.get((b["resolution"], b["num_frames"]))
+        return None if batch is None else Bucket(b["resolution"], b["num_frames"], b["height"], b["width"], batch)
+
+    def describe(self) -> str:
+        return self.config.describe()
+
+
+def read_sidecar(url: str) -> dict | None:
+    """The sidecar of a finished feature shard, None when the shard is unfinished (no sidecar)."""
+    path = sidecar_path(local_path(url))
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class CachedFeatureDataset(IterableDataset):
+    """This rank's batches: `latent` (B, C, T', H', W'), `txt` (B, L, D), `vec` (B, Dv), fp32, plus `caption`, `key`,
+    `index`, `valid`, `bucket`, `state`, `failed` and `plan_skipped` as `VideoShardDataset` gives them."""
+
+    cached = True
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        buckets: BucketConfig,
+        expect: Mapping[str, Any],
+        dp_rank: int = 0,
+        dp_world: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        mix_shards: int = 4,
+        state: Mapping | None = None,
+        skip_dir: str | Path | None = None,
+    ):
+        super().__init__()
+        self.expect, self.dp_rank, self.skip_dir = dict(expect), dp_rank, skip_dir
+        shards, self.scan_skips, headers = [], [], {}
+        for url in expand_urls(urls):
+            if not is_local(url):
+                raise ValueError(f"feature shard {url!r}: cached features are read by offset and must be local files")
+            header = read_sidecar(url)
+            if header is None:
+                self.scan_skips.append(Skip(url, "unfinished_shard", "no sidecar .json: preprocessing did not finish"))
+                continue
+            check_provenance(header, self.expect, f"feature shard {url}")
+            headers[url] = header
+            samples = [SampleInfo(s["key"], "safetensors", s) for s in header["samples"]]
+            shards.append(ShardInfo(url, samples))
+        if not headers:
+            raise ValueError(f"no finished feature shard in {urls!r}: run `src.preprocess` with this experiment first")
+        first = next(iter(headers.values()))
+        self.text_shape = self._agree(headers, "text_shape")
+        self.null = self._read_null(next(iter(headers)))  # (L, D), (Dv)
+        if tuple(self.null[0].shape) != tuple(self.text_shape):
+            raise ValueError(f"null features {tuple(self.null[0].shape)} do not match text_shape {self.text_shape}")
+        self.latent_channels = first["vae"]["latent_channels"]
+        self.text_dims = (first["text_shape"][1], first["vec_dim"])
+        self.cached_buckets = CachedBuckets(buckets)
+        if dp_rank == 0:
+            write_skips(skip_dir, "catalog", self.scan_skips)
+        self.planner = Planner(shards, self.cached_buckets, lambda *_: True, dp_world, seed, shuffle, mix_shards, state)
+        self.latent_shapes = {
+            self.cached_buckets.assign(s).name: tuple(s["latent_shape"])
+            for header in headers.values()
+            for s in header["samples"]
+            if self.cached_buckets.assign(s) is not None
+        }  # bucket name -> (C, T', H', W')
+        if not self.latent_shapes:
+            cached = sorted({json.dumps(s["bucket"]) for h in headers.values() for s in h["samples"]})
+            raise ValueError(
+                f"no cached sample is in a configured bucket. Cached: {', '.join(cached)}; configured: "
+                f"{buckets.describe()}"
+            )
+        log.info("cached features: %d samples in %d shards", self.planner.size, len(shards))
+
+    @staticmethod
+    def _agree(headers: Mapping[str, dict], key: str) -> Any:
+        values = {json.dumps(h[key]): url for url, h in headers.items()}
+        if len(values) > 1:
+            raise ValueError(
+                f"feature shards disagree on {key}: " + "; ".join(f"{v} in {u}" for v, u in values.items())
+            )
+        return next(iter(headers.values()))[key]
+
+    def _read_null(self, url: str) -> tuple[torch.Tensor, torch.Tensor]:
+        members = index_tar(local_path(url))
+        with open(local_path(url), "rb") as f:
+            null = load_tensors(read_at(f, members[HEADER_KEY]["safetensors"]))
+        return null["null_txt"].float(), null["null_vec"].float()
+
+    def null_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt's features from the cache: (1, L, D), (1, Dv)."""
+        return self.null[0][None], self.null[1][None]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        reader = FeatureReader(self.expect)
+        try:
+            for batch in self.planner:
+                if batch.number % workers == worker:
+                    yield self.read_batch(batch, reader)
+        finally:
+            reader.close()
+
+    def read_batch(self, batch: GlobalBatch, reader: FeatureReader) -> dict[str, Any]:
+        latents, txts, vecs, captions, keys, valid, skips = [], [], [], [], [], [], []
+        shape = self.latent_shapes[batch.bucket.name]
+        for g in batch.rank_slice(self.dp_rank):
+            shard, sample = self.planner.locate(g)
+            try:
+                tensors = reader.read(shard.url, sample.key)
+                ok = all(torch.isfinite(t).all() for t in tensors.values())
+                if not ok:
+                    skips.append(Skip(f"{shard.url}:{sample.key}", "nonfinite", "non-finite cached features"))
+            except ProvenanceError:
+                raise
+            except (OSError, KeyError, ValueError) as err:  # a damaged member: skipped and counted, never used
+                skips.append(Skip(f"{shard.url}:{sample.key}", "read_error", f"{type(err).__name__}: {err}"))
+                ok = False
+            if not ok:
+                tensors = {
+                    "latent": torch.zeros(shape),
+                    "txt": torch.zeros(self.text_shape),
+                    "vec": torch.zeros(self.text_dims[1]),
+                }
+            latents.append(tensors["latent"].float())
+            txts.append(tensors["txt"].float())
+            vecs.append(tensors["vec"].float())
+            captions.append(sample.meta.get("caption", ""))
+            keys.append(sample.key)
+            valid.append(ok)
+        write_skips(self.skip_dir, f"rank{self.dp_rank}", skips)
+        return {
+            "latent": torch.stack(latents),  # (B, C, T', H', W')
+            "txt": torch.stack(txts),  # (B, L, D)
+            "vec": torch.stack(vecs),  # (B, Dv)
+            "caption": captions,
+            "key": keys,
+            "index": torch.tensor(batch.rank_slice(self.dp_rank), dtype=torch.int64),  # (B,)
+            "valid": torch.tensor(valid),  # (B,)
+            "bucket": batch.bucket.name,
+            "state": batch.state,
+            "failed": {reason: sum(s.reason == reason for s in skips) for reason in READ_FAILURES},
+            "plan_skipped": batch.skipped,
+        }
+
+
+class FeatureReader:
+    """Reads samples of local feature shards by offset; checks each tar's own header when it first opens it."""
+
+    def __init__(self, expect: Mapping[str, Any]):
+        self.expect = expect
+        self.open: dict[str, tuple[Any, dict]] = {}
+
+    def read(self, url: str, key: str) -> dict[str, torch.Tensor]:
+        if url not in self.open:
+            members = index_tar(local_path(url))
+            f = open(local_path(url), "rb")  # noqa: SIM115 - kept open for the shard's samples
+            header = json.loads(read_at(f, members[HEADER_KEY]["json"]))
+            check_provenance(header, self.expect, f"feature shard {url} (its header, read while streaming)")
+            self.open[url] = (f, members)
+        f, members = self.open[url]
+        return load_tensors(read_at(f, members[key]["safetensors"]))
+
+    def close(self) -> None:
+        for f, _ in self.open.values():
+            f.close()
+        self.open.clear()
+
+
+def build_cached_loader(
+    urls: str | Sequence[str],
+    buckets: BucketConfig | DictConfig,
+    expect: Mapping[str, Any],
+    dp_rank: int,
+    dp_world: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    preprocess: Mapping | None = None,
+    **options: Any,
+) -> DataLoader:
+    """A DataLoader of cached feature batches for this data-parallel rank, in plan order.
+
+    `expect` holds the run's `text` and `vae` config nodes: their provenance (computed without loading any
+    weights) is what every shard must match. `preprocess` is the source that `src.preprocess` reads; unused here.
+    `options`: seed, shuffle, mix_shards, state, skip_dir (see `CachedFeatureDataset`).
+    """
+    from hydra.utils import instantiate
+
+    del preprocess
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if isinstance(buckets, DictConfig | dict):
+        buckets = instantiate(buckets)
+    expected = expected_provenance(expect["text"], expect["vae"])
+    dataset = CachedFeatureDataset(urls, buckets, expected, dp_rank, dp_world, **options)
+    return plan_order_loader(dataset, num_workers, pin_memory)

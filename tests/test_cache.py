@@ -1,0 +1,156 @@
+"""The feature cache: preprocess -> train without encoders, provenance refusals, resumable preprocessing.
+
+Uses the stage1_tiny experiment (tiny random HunyuanVideo VAE, real MiniLM) on the shipped fixture shards.
+"""
+
+import io
+import json
+import shutil
+import sys
+import tarfile
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from src.data.provenance import ProvenanceError
+from src.metrics import read_metrics
+from src.preprocess import preprocess
+from tests.conftest import ROOT
+from tests.test_train import run
+
+
+def compose_cfg(cache_dir, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=["+experiment=stage1_tiny", f"data.urls={cache_dir}", *overrides])
+
+
+def loader_for(cache_dir, *overrides: str, **kwargs):
+    cfg = compose_cfg(cache_dir, *overrides)
+    return instantiate(cfg.data)(dp_rank=0, dp_world=1, seed=0, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The fixture shards encoded once, on 2 ranks, through the real torchrun entry point."""
+    cache_dir = tmp_path_factory.mktemp("cache")
+    proc = run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "src.preprocess"]
+        + ["+experiment=stage1_tiny", f"data.urls={cache_dir}"]
+    )
+    assert "4 shards written" in proc.stdout
+    return cache_dir
+
+
+def test_preprocess_writes_shards_with_provenance_statistics_and_a_report(cache):
+    report = json.loads((cache / "report.json").read_text())
+    assert report["shards_written"] == 4 and report["samples_written"] == 16 and report["ranks"] == 2
+    side = json.loads((cache / "shard-000000.json").read_text())
+    assert side["text"]["max_length"] == 16 and side["text"]["mask_convention"] == "attend_padding"
+    assert side["text"]["weights_sha256"] and side["vae"]["name"] == "hunyuan"
+    assert side["vae"]["scaling_factor"] == 0.476986 and side["vae"]["tiling"]["tile_size"] == 256
+    assert side["buckets"] == {"32px/5f/32x32": 4} and side["kiln_version"]
+    assert side["stats"]["latent"]["nonfinite"] == 0 and side["stats"]["latent"]["count"] == 4 * 16 * 2 * 4 * 4
+    with tarfile.open(cache / "shard-000000.tar") as tar:
+        names = tar.getnames()
+    assert names[:2] == ["__kiln__.json", "__kiln__.safetensors"]  # the header comes before any feature
+
+
+def test_cached_batches_hold_the_encoders_features(cache):
+    loader = loader_for(cache, "data.shuffle=false")
+    batch = next(iter(loader))
+    assert batch["latent"].shape == (2, 16, 2, 4, 4) and batch["txt"].shape == (2, 16, 384)
+    assert batch["vec"].shape == (2, 384) and batch["valid"].all()
+    cfg = compose_cfg(cache)
+    text = instantiate(cfg.text)
+    txt, vec = text(batch["caption"])
+    assert torch.allclose(batch["txt"], txt, atol=1e-5) and torch.allclose(batch["vec"], vec, atol=1e-5)
+    null_txt, null_vec = loader.dataset.null_features()  # CFG's empty prompt: from the cache itself
+    assert torch.allclose(null_txt, text([""])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "cached", "configured"),
+    [
+        ("text.max_length=8", "text.max_length", "16", "8"),
+        ("text.dtype=bfloat16", "text.dtype", "'float32'", "'bfloat16'"),
+        ("vae=patch", "vae.name", "'hunyuan'", "'patch'"),
+        ("vae.scaling_factor=0.5", "vae.scaling_factor", "0.476986", "0.5"),
+    ],
+)
+def test_a_cache_made_with_other_encoders_is_refused_naming_the_field(cache, override, field, cached, configured):
+    with pytest.raises(
+        ProvenanceError, match=rf"{field}: the cache has {cached}, this run's config gives {configured}"
+    ):
+        loader_for(cache, override)
+
+
+def test_a_text_encoder_with_other_weights_is_refused(cache, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from src.models.text import minilm_path
+
+    other = tmp_path / "minilm"
+    shutil.copytree(minilm_path(), other)
+    weights = next(other.glob("*.safetensors"))
+    state = load_file(weights)
+    name = next(iter(state))
+    state[name] = state[name] + 1e-3
+    save_file(state, weights)
+    with pytest.raises(ProvenanceError, match=r"text\.weights_sha256: the cache has '[0-9a-f]{64}'"):
+        loader_for(cache, f"text.path={other}")
+
+
+def test_a_shard_swapped_while_streaming_is_refused(cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    loader = loader_for(copy, "data.shuffle=false")
+    # after the start-up check: replace every tar's header with one from another max_length
+    for tar_path in copy.glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        header = json.loads(members[0][1])
+        header["text"]["max_length"] = 77
+        members[0] = (members[0][0], json.dumps(header).encode())
+        with tarfile.open(tar_path, "w") as tar:
+            for info, data in members:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ProvenanceError, match=r"(?s)read while streaming.*text\.max_length: the cache has 77"):
+        next(iter(loader))
+
+
+def test_unfinished_and_damaged_shards_are_reported_not_used(cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    (copy / "shard-000003.json").unlink()  # preprocessing did not finish this one
+    loader = loader_for(copy, "data.shuffle=false")
+    assert [s.reason for s in loader.dataset.scan_skips] == ["unfinished_shard"]
+    assert loader.dataset.planner.size == 12
+
+
+def test_preprocess_resumes_and_refuses_to_mix_configs(cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    (copy / "shard-000001.json").unlink()
+    before = (copy / "shard-000000.tar").stat().st_mtime_ns
+    report = preprocess(compose_cfg(copy))
+    assert report["shards_done"] == 3 and report["shards_written"] == 1
+    assert (copy / "shard-000000.tar").stat().st_mtime_ns == before  # finished shards are left alone
+    with pytest.raises(ProvenanceError, match="existing feature shard"):
+        preprocess(compose_cfg(copy, "text.max_length=8"))
+
+
+def test_train_from_the_cache_on_two_ranks_builds_no_encoder(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "src.train"]
+        + ["+experiment=stage1_tiny", f"data.urls={cache}", f"hydra.run.dir={run_dir}"]
+    )
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    log = (run_dir / "train.log").read_text()
+    assert "cached features: 16 samples in 4 shards" in log
+    assert "RANDOM weights" not in log  # the (random tiny) VAE was never built
