@@ -154,3 +154,15 @@ def test_train_from_the_cache_on_two_ranks_builds_no_encoder(cache, tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "cached features: 16 samples in 4 shards" in log
     assert "RANDOM weights" not in log  # the (random tiny) VAE was never built
+
+
+def test_dcae_tiny_preprocesses_and_trains_on_dc_ae_latents(tmp_path):
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    common = ["+experiment=dcae_tiny", f"data.urls={cache}"]
+    run([sys.executable, "-m", "src.preprocess", *common])
+    side = json.loads((cache / "shard-000000.json").read_text())
+    assert side["vae"]["name"] == "dcae" and side["vae"]["latent_channels"] == 128
+    assert side["samples"][0]["latent_shape"] == [128, 2, 1, 1]  # 8 x 32 x 32 pixels -> 2 x 1 x 1 latents
+    run([sys.executable, "-m", "src.train", *common, "parallel=local", f"hydra.run.dir={run_dir}"])
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in rows)

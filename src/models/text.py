@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.models.weights import read_state_dict, strict_load, weights_sha256
+from src.models.weights import checkpoint_keys, read_state_dict, strict_load, weights_sha256
 
 log = logging.getLogger("kiln.text")
 
@@ -169,14 +169,14 @@ def load_strict(
     mis-shaped raises a ValueError listing the keys (`src.models.weights.strict_load`). Returns the model in
     `dtype`, eval mode, frozen.
     """
-    state = read_state_dict(directory)
+    ignore = tuple(ignore_unexpected)
+    state = read_state_dict(directory, skip=ignore)  # the ignored tensors are never read
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = build(set(state))
     own = set(model.state_dict())
     state = _align_prefixes(state, own, prefixes, what)
     state = _drop_derived_buffers(state, model, what)
-    ignore = tuple(ignore_unexpected)
-    dropped = [k for k in state if k not in own and k.startswith(ignore)] if ignore else []
+    dropped = [k for k in checkpoint_keys(directory) if k.startswith(ignore)] if ignore else []
     groups = _tie_groups(model)
     strict_load(model, state, what, ignore_unexpected=ignore)
     if dropped:
@@ -405,8 +405,7 @@ class T5CLIPTextEncoder(FrozenTextEncoder):
     decoder (`decoder.*`, `lm_head.*`) and a full CLIP checkpoint the vision tower (`vision_model.*`,
     `visual_projection.*`, `text_projection.*`, `logit_scale`): these are the default `ignore_unexpected` /
     `clip_ignore_unexpected` prefixes, logged with their counts when dropped. T5 is built on the meta device (no
-    random init of 4.7B parameters). Note `read_state_dict` reads the whole checkpoint, decoder included, into CPU
-    memory once (about 45 GB for the fp32 t5-v1_1-xxl), before the encoder half is kept.
+    random init of 4.7B parameters), and the ignored tensors are never read from disk (`read_state_dict(skip=...)`).
 
     Args:
         t5_path: local directory of google/t5-v1_1-xxl (required).
