@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         _run(["-m", "src.preprocess", *common, f"data.urls={cache}"])
         online = [
             "data=shards",
+            "~data.preprocess",  # the experiment sets it for data=cached; the video loader takes no such key
             f"data.urls={source.urls}",
             f"data.frame_stride={source.frame_stride}",
             f"data.crop={source.crop}",

@@ -28,6 +28,7 @@ from src.diffusion.flow import drop_text
 from src.flops import peak_flops, step_flops
 from src.metrics import StepWindow, truncate_after
 from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
+from src.preemption import StopRequest, clear_stale_stop
 
 log = logging.getLogger("kiln.train")
 FAILURES = tuple(dict.fromkeys(DECODE_FAILURES + READ_FAILURES))  # per-rank counters, summed over ranks when logged
@@ -90,6 +91,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     check_knobs(cfg)
     dist = init_distributed(cfg.dist_backend)
     run_dir = Path(run_dir).resolve()
+    if dist.is_main:
+        clear_stale_stop(run_dir)
     agree(str(run_dir), "run directory")
     device = dist.device
     if dist.is_main:
@@ -138,6 +141,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         truncate_after(run_dir, step)
         log.info("model: %.2fM parameters on %d ranks", n_params / 1e6, dist.world_size)
 
+    stop = StopRequest(run_dir, device)
     progress = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     window = StepWindow(device, dist.world_size, peak_flops(device, cfg.parallel.get("precision", "fp32")))
     batches = iter(loader)
@@ -177,7 +181,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
                 tok_s=f"{row['tokens_per_s']:.0f}",
                 **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}),
             )
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        stopping = stop.requested()  # SIGUSR1/SIGTERM or RUN_DIR/STOP: checkpoint now, exit, resume later
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
             loop_state = {
                 "step": step,
                 "samples_seen": samples_seen,
@@ -187,6 +192,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
                 "failed": dict(failed),
             }
             engine.save(ckpt_dir, step_tag(step), loop_state)
+        if stopping and step < cfg.steps:
+            log.info(
+                "stop requested (%s): checkpointed step %d of %d; the same command resumes",
+                stop.reason(),
+                step,
+                cfg.steps,
+            )
+            break
+    stop.close(dist.is_main)
     progress.close()
     logger.close()
     barrier()

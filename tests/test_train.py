@@ -182,3 +182,45 @@ def test_config_json_round_trip(zero3_run):
     run_dir, _ = zero3_run
     assert "run_name: smoke" in (run_dir / "config.yaml").read_text()
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def _start(run_dir, *args: str) -> subprocess.Popen:
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"OMP_NUM_THREADS": "1"}
+    cmd = [*args, "+experiment=smoke", f"hydra.run.dir={run_dir}", "steps=500", "ckpt_every=1000"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(run_dir, proc: subprocess.Popen, steps: int = 2) -> None:
+    import time
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= steps:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no training steps logged: {proc.stderr.read()[-3000:] if proc.poll() is not None else ''}")
+
+
+@pytest.mark.parametrize("how", ["SIGUSR1", "STOP file on 2 ranks"])
+def test_a_stop_request_checkpoints_and_the_same_command_resumes(tmp_path, how):
+    import signal
+
+    run_dir = tmp_path / "run"
+    if how == "SIGUSR1":
+        proc = _start(run_dir, sys.executable, "-m", "src.train", "parallel=local")
+        _wait_for_steps(run_dir, proc)
+        proc.send_signal(signal.SIGUSR1)  # what SLURM's --signal delivers before the time limit
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        proc = _start(run_dir, *launcher, "-m", "src.train")
+        _wait_for_steps(run_dir, proc)
+        (run_dir / "STOP").touch()  # what slurm/*.sh touch: reaches every rank through the shared run dir
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    stopped = (run_dir / "checkpoints" / "latest").read_text().strip()
+    step = int(stopped.rsplit("_", 1)[-1])
+    assert 2 <= step < 500 and not (run_dir / "STOP").exists()
+    assert "stop requested" in (run_dir / "train.log").read_text()
+    extra = ["parallel=local"] if how == "SIGUSR1" else []
+    rows = train(run_dir, f"steps={step + 2}", *extra, nproc=1 if how == "SIGUSR1" else 2)
+    assert [r["step"] for r in rows][-3:] == [step, step + 1, step + 2]  # resumed, nothing lost or repeated
