@@ -22,12 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
+from src.curriculum import apply_transition
 from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
 from src.diffusion.flow import drop_text
 from src.flops import peak_flops, step_flops
 from src.metrics import StepWindow, truncate_after
 from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
+from src.parallel.engine import latest_tag
 from src.preemption import StopRequest, clear_stale_stop
 
 log = logging.getLogger("kiln.train")
@@ -100,6 +102,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, whatever the encoders
     model = instantiate(cfg.model)
+    ckpt_dir = checkpoint_dir(run_dir)
+    if cfg.get("init_from") and latest_tag(ckpt_dir) is None:  # a new stage: declared transition from the last
+        rules = OmegaConf.to_container(cfg.transition, resolve=True)
+        apply_transition(model, cfg.init_from, rules, run_dir / "transition.json" if dist.is_main else None)
     n_params = sum(p.numel() for p in model.parameters())  # before sharding hides them
     flow = instantiate(cfg.diffusion)
     engine = instantiate(cfg.parallel)(
@@ -109,7 +115,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         device=device,
     )
 
-    ckpt_dir = checkpoint_dir(run_dir)
     state = engine.load(ckpt_dir) or {"step": 0, "samples_seen": 0, "data": None, "skipped": {}, "failed": {}}
     step, samples_seen = state["step"], state["samples_seen"]
     if step:
