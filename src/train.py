@@ -74,7 +74,7 @@ def check_patches(latent_shapes: dict[str, tuple[int, ...]], model: torch.nn.Mod
 def encoded(batch: dict, text, vae, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x0 (B, C, T', H', W'), txt (B, L, D), vec (B, Dv) of a batch: read from the cache, or encoded now."""
     if "latent" in batch:  # data=cached: the features were computed by src.preprocess
-        return (batch[k].to(device, non_blocking=True) for k in ("latent", "txt", "vec"))
+        return tuple(batch[k].to(device, non_blocking=True) for k in ("latent", "txt", "vec"))
     x0 = vae.encode(batch["video"].to(device, non_blocking=True))  # (B, 3, T, H, W) in [-1, 1] -> latent
     return (x0, *text(batch["caption"]))
 

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from src.models.vae import config_provenance
+from src.models.provenance import config_provenance
 from src.models.vae.dcae import VideoDCAE, tiled_apply
 from src.models.vae.dcae_blocks import LiteMLA, space_to_channels
 from src.models.weights import weights_sha256

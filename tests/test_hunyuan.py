@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from src.models.vae import config_provenance
+from src.models.provenance import config_provenance
 from src.models.vae.hunyuan import HunyuanVAE
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -105,10 +105,10 @@ class CachedFeatureDataset(IterableDataset):
             write_skips(skip_dir, "catalog", self.scan_skips)
         self.planner = Planner(shards, self.cached_buckets, lambda *_: True, dp_world, seed, shuffle, mix_shards, state)
         self.latent_shapes = {
-            self.cached_buckets.assign(s).name: tuple(s["latent_shape"])
+            bucket.name: tuple(s["latent_shape"])
             for header in headers.values()
             for s in header["samples"]
-            if self.cached_buckets.assign(s) is not None
+            if (bucket := self.cached_buckets.assign(s)) is not None
         }  # bucket name -> (C, T', H', W')
         if not self.latent_shapes:
             cached = sorted({json.dumps(s["bucket"]) for h in headers.values() for s in h["samples"]})

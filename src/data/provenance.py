@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from src.models.vae import config_provenance
+from src.models.provenance import config_provenance
 
 CHECKED = ("text", "vae")  # the sections that change the features; the rest (buckets, source, seed) is a record
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.models.vae import constructor_args
+from src.models.provenance import constructor_args
 from src.models.vae.dcae_blocks import (
     BLOCK_TYPES,
     AveragingShortcut,

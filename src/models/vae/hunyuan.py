@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.models.vae import constructor_args
+from src.models.provenance import constructor_args
 from src.models.weights import read_state_dict, strict_load, weights_sha256
 
 log = logging.getLogger("kiln.vae")
