@@ -220,7 +220,8 @@ def test_launchers_dry_run():
 
 # --- real torchrun through the launchers (CPU, a trivial program) ----------------------------------------------
 
-RANK_SCRIPT = "import os; print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'], flush=True)\n"
+# one write() per line: the ranks of a node share one pipe, and print() may split a line into several writes
+RANK_SCRIPT = "import os; os.write(1, f\"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}\\n\".encode())\n"
 
 
 def free_port() -> int:
@@ -254,7 +255,7 @@ def test_multinode_c10d_two_nodes_on_one_host(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGKILL)
     assert [node.returncode for node in nodes] == [0, 0], [err for _, err in outputs]
-    assert ranks("".join(out for out, _ in outputs)) == {(r, 4) for r in range(4)}
+    assert ranks("".join(out for out, _ in outputs)) == {(r, 4) for r in range(4)}, outputs
 
 
 def test_torchrun_standalone(tmp_path):
