@@ -9,7 +9,10 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+import math
 import random
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,18 +45,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_model_weights(run_or_ckpt: str | Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """Consolidated fp32 model weights of a checkpoint, whichever engine wrote it.
-
-    `run_or_ckpt` is a run directory or its `checkpoints/` folder; `tag` defaults to the latest.
-    Returns (state dict, tag). Raises ValueError when there is no checkpoint to read.
-    """
+def _resolve(run_or_ckpt: str | Path, tag: str | None) -> tuple[Path, str]:
     ckpt_dir = Path(run_or_ckpt)
     if (ckpt_dir / "checkpoints").is_dir():
         ckpt_dir = ckpt_dir / "checkpoints"
     tag = tag or latest_tag(ckpt_dir)
     if tag is None or not (ckpt_dir / tag).is_dir():
         raise ValueError(f"no checkpoint {tag or '(latest)'} in {ckpt_dir}")
+    return ckpt_dir, tag
+
+
+def load_model_weights(run_or_ckpt: str | Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """Consolidated fp32 model weights of a checkpoint, whichever engine wrote it.
+
+    `run_or_ckpt` is a run directory or its `checkpoints/` folder; `tag` defaults to the latest.
+    Returns (state dict, tag). Raises ValueError when there is no checkpoint to read.
+    """
+    ckpt_dir, tag = _resolve(run_or_ckpt, tag)
     local = ckpt_dir / tag / "local_engine.pt"
     if local.is_file():
         blob = torch.load(local, map_location="cpu", weights_only=False)
@@ -65,3 +73,59 @@ def load_model_weights(run_or_ckpt: str | Path, tag: str | None = None) -> tuple
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k: v.float() for k, v in state.items()}, tag
+
+
+class Moments:
+    """AdamW moments of a checkpoint, per parameter name, whichever engine wrote it (read lazily).
+
+    `steps[name]` is the AdamW step count of the parameter; iterating yields (name, exp_avg, exp_avg_sq) for
+    the names asked for, one consolidated tensor pair at a time (ZeRO-3 shards are memory-mapped, not loaded).
+    """
+
+    def __init__(self, run_or_ckpt: str | Path, tag: str | None = None):
+        ckpt_dir, self.tag = _resolve(run_or_ckpt, tag)
+        folder = ckpt_dir / self.tag
+        self.names: list[str] = []
+        if (folder / "local_engine.pt").is_file():
+            blob = torch.load(folder / "local_engine.pt", map_location="cpu", weights_only=False, mmap=True)
+            state = blob["optimizer"]["state"]
+            order = [n for group in blob["param_names"] for n in group]  # optimizer index -> name
+            self._local = {n: state[i] for i, n in enumerate(order) if i in state}
+            self.steps = {n: int(s["step"]) for n, s in self._local.items()}
+            return
+        self._local = None
+        files = sorted(folder.glob("*_optim_states.pt"), key=lambda f: int(re.search(r"rank_(\d+)_mp", f.name)[1]))
+        if not files:
+            raise ValueError(f"{folder} holds neither local_engine.pt nor DeepSpeed *_optim_states.pt files")
+        blobs = [
+            torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"] for f in files
+        ]
+        if blobs[0]["zero_stage"] != 3:
+            raise ValueError(
+                f"{folder}: carrying optimizer state over is implemented for ZeRO-3, not stage {blobs[0]['zero_stage']}"
+            )
+        self._ranks = [b["optimizer_state_dict"]["state"] for b in blobs]  # per rank: sub-group -> AdamW state
+        shapes = torch.load(next(folder.glob("*_model_states.pt")), map_location="cpu", weights_only=False)
+        self._where = {}  # name -> (sub-group, offset in this rank's flat, numel per rank, shape)
+        for sub, group in enumerate(shapes["param_shapes"]):
+            offset = 0
+            for name, shape in group.items():
+                per_rank = math.ceil(shape.numel() / len(files))
+                self._where[name] = (sub, offset, per_rank, shape)
+                offset += per_rank
+        self.steps = {n: int(self._ranks[0][w[0]]["step"]) for n, w in self._where.items()}
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        return self.select(self.steps)
+
+    def select(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        for name in names:
+            if self._local is not None:
+                yield name, self._local[name]["exp_avg"], self._local[name]["exp_avg_sq"]
+                continue
+            sub, offset, per_rank, shape = self._where[name]
+            pair = []
+            for key in ("exp_avg", "exp_avg_sq"):
+                parts = [rank[sub][key].narrow(0, offset, per_rank) for rank in self._ranks]
+                pair.append(torch.cat(parts)[: shape.numel()].view(shape).float())
+            yield name, *pair

@@ -11,7 +11,12 @@ rule matches parameter names by regex and says what happens to them, with a reas
 Anything not covered (a shape mismatch, a tensor only one side has) is an error listing the keys: no layer is
 silently re-initialised or dropped. The transition writes `RUN_DIR/transition.json` (every key, its action and
 why) and logs a summary. It runs once, when the run directory holds no checkpoint; a resumed run continues from
-its own checkpoint. The optimizer starts fresh (the previous stage's moments are not carried over).
+its own checkpoint.
+
+The optimizer starts fresh (`transition_optimizer: reset`, the default) or, with `carry`, takes the previous
+stage's AdamW moments and step count for every loaded parameter (`carry_moments`); an optimizer group must then
+be wholly loaded or wholly new, so re-initialised layers need their own `optim.groups` rule (where they can
+also get their own warmup).
 """
 
 from __future__ import annotations
@@ -74,8 +79,10 @@ def plan_transition(
 @torch.no_grad()
 def apply_transition(
     model: nn.Module, init_from: str | Path, rules: Sequence[Mapping], report: Path | None = None
-) -> dict[str, int]:
-    """Initialise `model` from the latest checkpoint of the run `init_from` by the declared `rules`."""
+) -> list[dict]:
+    """Initialise `model` from the latest checkpoint of the run `init_from` by the declared `rules`.
+
+    Returns the plan: one entry per key with its action and reason (as in `plan_transition`)."""
     from src.checkpoint import load_model_weights
 
     source, tag = load_model_weights(init_from)
@@ -98,4 +105,32 @@ def apply_transition(
         ", ".join(f"{n} {a}" for a, n in sorted(counts.items())),
         ", ".join(changed) or "nothing",
     )
-    return dict(counts)
+    return plan
+
+
+def carry_moments(engine, param_plan, init_from: str | Path, transition: list[dict]) -> None:
+    """Give the loaded parameters the previous stage's AdamW moments and step count (transition_optimizer=carry).
+
+    Raises ValueError naming the group when an optimizer group mixes loaded parameters that have moments with
+    parameters that do not (re-initialised, or frozen in the previous stage).
+    """
+    from src.checkpoint import Moments
+
+    moments = Moments(init_from)
+    loaded = {e["key"] for e in transition if e["action"] == "load"} & set(moments.steps)
+    steps = {}
+    for group, members in enumerate(param_plan.members):
+        fresh = [n for n in members if n not in loaded]
+        if len(fresh) == len(members) or not param_plan.settings[group][0].trainable:
+            continue  # nothing to carry, or frozen at first: its moments restart when it unfreezes
+        if fresh:
+            pattern = param_plan.settings[group][0].pattern
+            rule = f"rule {pattern!r}" if pattern else "no optim.groups rule"
+            raise ValueError(
+                f"transition_optimizer=carry: optimizer group {group} ({rule}) mixes parameters with carried moments "
+                f"and parameters without ({', '.join(fresh[:6])}): give the latter their own optim.groups rule"
+            )
+        steps[group] = max(moments.steps[n] for n in members)
+    carried = [n for g in steps for n in param_plan.members[g]]
+    engine.load_moments(moments.select(carried), steps)
+    log.info("carried over the AdamW moments of %d tensors from %s (%s)", len(carried), init_from, moments.tag)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
-from src.curriculum import apply_transition
+from src.curriculum import apply_transition, carry_moments
 from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
 from src.diffusion.flow import drop_text
@@ -30,6 +31,7 @@ from src.flops import peak_flops, step_flops
 from src.metrics import StepWindow, truncate_after
 from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
 from src.parallel.engine import latest_tag
+from src.param_groups import ParamPlan, enter_phase
 from src.preemption import StopRequest, clear_stale_stop
 
 log = logging.getLogger("kiln.train")
@@ -86,6 +88,8 @@ def check_knobs(cfg: DictConfig) -> None:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg.steps < 0:
         raise ValueError(f"steps must be >= 0, got {cfg.steps}")
+    if cfg.transition_optimizer not in ("reset", "carry"):
+        raise ValueError(f"transition_optimizer must be reset or carry, got {cfg.transition_optimizer!r}")
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> None:
@@ -103,17 +107,29 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, whatever the encoders
     model = instantiate(cfg.model)
     ckpt_dir = checkpoint_dir(run_dir)
-    if cfg.get("init_from") and latest_tag(ckpt_dir) is None:  # a new stage: declared transition from the last
+    new_stage = bool(cfg.get("init_from")) and latest_tag(ckpt_dir) is None
+    if new_stage:  # declared transition from the previous stage's final checkpoint
         rules = OmegaConf.to_container(cfg.transition, resolve=True)
-        apply_transition(model, cfg.init_from, rules, run_dir / "transition.json" if dist.is_main else None)
+        transition = apply_transition(
+            model, cfg.init_from, rules, run_dir / "transition.json" if dist.is_main else None
+        )
     n_params = sum(p.numel() for p in model.parameters())  # before sharding hides them
+    plan = ParamPlan(
+        [name for name, _ in model.named_parameters()],
+        OmegaConf.to_container(cfg.optim.groups, resolve=True),
+        OmegaConf.to_container(cfg.optim.schedule, resolve=True),
+    )
     flow = instantiate(cfg.diffusion)
     engine = instantiate(cfg.parallel)(
         model=model,
         optimizer=instantiate(cfg.optim.optimizer),
-        scheduler=instantiate(cfg.optim.scheduler),
+        scheduler=functools.partial(instantiate(cfg.optim.scheduler), group_factors=plan.lr_factor),
         device=device,
+        param_groups=plan.optimizer_groups(model),
     )
+    default_weight_decay = engine.param_groups[0]["weight_decay"]  # the optimizer's own, before any resume
+    if new_stage and cfg.transition_optimizer == "carry":
+        carry_moments(engine, plan, cfg.init_from, transition)
 
     state = engine.load(ckpt_dir) or {"step": 0, "samples_seen": 0, "data": None, "skipped": {}, "failed": {}}
     step, samples_seen = state["step"], state["samples_seen"]
@@ -150,7 +166,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     progress = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     window = StepWindow(device, dist.world_size, peak_flops(device, cfg.parallel.get("precision", "fp32")))
     batches = iter(loader)
+    phase = None
     while step < cfg.steps:
+        if plan.phase(step) != phase:  # freeze schedule: at start, and where a phase begins
+            phase = enter_phase(plan, engine, step, default_weight_decay, run_dir if dist.is_main else None)
         t0 = time.perf_counter()
         batch = next(batches)  # one bucket: every clip of the batch has the same shape
         data_wait = time.perf_counter() - t0

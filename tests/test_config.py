@@ -1,6 +1,7 @@
 """Every experiment composes, every group instantiates (models on the meta device), and models fit encoders."""
 
 import functools
+import sys
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_experiment_composes_and_instantiates(name):
 
 def test_every_group_option_names_a_target():
     for path in (ROOT / "conf").glob("**/*.yaml"):
-        if path.parent.name in ("experiment", "optim") or path.parent == ROOT / "conf":
+        if path.parent.name in ("experiment", "optim", "curriculum") or path.parent == ROOT / "conf":
             continue
         node = OmegaConf.load(path)
         assert "_target_" in node or "defaults" in node, path
@@ -105,3 +106,16 @@ def test_buckets_that_do_not_fit_the_vae_and_patch_are_refused():
         check_patches(bucket_latent_shapes(odd, instantiate(cfg.vae)), model)
     with pytest.raises(ValueError, match=r"bucket 20px/8f/20x20 does not fit the VAE.*not divisible"):
         bucket_latent_shapes(odd, instantiate(cfg.vae, spatial=8))
+
+
+def test_every_curriculum_composes_stage_by_stage(tmp_path):
+    # each stage's config composes, and stage i+1 starts from stage i's run directory
+    from src.stages import plan, read_curriculum
+
+    for path in (ROOT / "conf" / "curriculum").glob("*.yaml"):
+        stages = plan(read_curriculum(path), tmp_path, 2, [])
+        assert [s["run_dir"].parent for s in stages] == [tmp_path] * len(stages), path
+        for before, after in zip(stages, stages[1:], strict=False):
+            assert f"init_from={before['run_dir']}" in after["train"], path
+            assert after["train"][:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                          "--nproc_per_node=2"]  # fmt: skip

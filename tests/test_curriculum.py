@@ -1,17 +1,21 @@
 """Declared stage transitions: stage 1 (HunyuanVideo latents, patch 2) -> stage 2 (DC-AE latents, patch 1)."""
 
 import json
+import re
+import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from src.checkpoint import Moments, load_model_weights
 from src.curriculum import apply_transition, plan_transition
 from src.metrics import read_metrics
 from src.models.mmdit import MMDiT
 from tests.conftest import ROOT, tiny_model_kwargs
-from tests.test_train import run
+from tests.test_train import PARAM_ATOL, PARITY_EPS, run
 
 RULES = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/experiment/stage2_tiny.yaml").transition)
 REINIT = ["final_layer.linear.bias", "final_layer.linear.weight", "img_in.bias", "img_in.weight"]
@@ -35,7 +39,8 @@ def fake_run(tmp_path, model):
 def test_stage1_to_stage2_reinitialises_exactly_the_input_and_output_layers(tmp_path):
     one, two = stage_models()
     fresh = {k: v.clone() for k, v in two.state_dict().items()}
-    counts = apply_transition(two, fake_run(tmp_path, one), RULES, tmp_path / "transition.json")
+    plan = apply_transition(two, fake_run(tmp_path, one), RULES, tmp_path / "transition.json")
+    counts = Counter(e["action"] for e in plan)
     report = json.loads((tmp_path / "transition.json").read_text())
     assert sorted(e["key"] for e in report["keys"] if e["action"] == "reinit") == REINIT
     assert counts == {"load": len(fresh) - 4, "reinit": 4}
@@ -64,13 +69,98 @@ def test_an_undeclared_shape_change_fails_listing_the_keys():
         plan_transition(extra, two.state_dict(), [{"pattern": "x", "action": "keep", "reason": "?"}])
 
 
-def test_stage1_then_stage2_from_the_cache(tmp_path):
-    one, two = tmp_path / "stage1", tmp_path / "stage2"
-    for name, run_dir, extra in (("stage1_tiny", one, []), ("stage2_tiny", two, [f"init_from={one}"])):
-        common = [f"+experiment={name}", f"data.urls={tmp_path / name / 'cache'}", "parallel=local", "steps=2"]
-        run([sys.executable, "-m", "src.preprocess", *common])
-        run([sys.executable, "-m", "src.train", *common, *extra, f"hydra.run.dir={run_dir}"])
-        assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
-    report = json.loads((two / "transition.json").read_text())
-    assert report["tag"] == "step_00000002" and report["counts"]["reinit"] == 4
-    assert "stage transition from" in (two / "train.log").read_text()
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """The tiny curriculum through its one command: stage1_tiny then stage2_tiny, each preprocessed and trained."""
+    root = tmp_path_factory.mktemp("stages")
+    command = [sys.executable, "-m", "src.stages", "conf/curriculum/tiny.yaml", "parallel=local", "--out-dir", root]
+    first = run([str(c) for c in command])
+    again = run([str(c) for c in command])  # resumable: both stages are finished, nothing runs
+    stage2 = [f"out_dir={root}", f"init_from={root / 'stage1_tiny'}", "+experiment=stage2_tiny"]
+    return root, stage2, first.stderr, again.stderr
+
+
+def test_one_command_runs_stage1_then_stage2_and_resumes(stages):
+    root, _, first, again = stages
+    assert first.count("$ ") == 4 and "stage 2/2 (stage2_tiny" in first  # preprocess + train, twice
+    assert again.count("$ ") == 0 and again.count("finished (step 4), skipped") == 2
+    assert [r["step"] for r in read_metrics(root / "stage1_tiny")] == [1, 2, 3, 4]
+    assert list((root / "cache" / "stage2_tiny").glob("*.tar"))  # the cache under the same out dir
+
+
+def test_a_stage_waits_for_the_previous_stages_final_checkpoint(tmp_path):
+    from src.stages import run_curriculum
+
+    (tmp_path / "one" / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (tmp_path / "one" / "checkpoints" / "latest").write_text("step_00000002")
+    one = {"experiment": "stage1_tiny", "run_dir": tmp_path / "one", "steps": 4, "previous": None}
+    two = {"experiment": "stage2_tiny", "run_dir": tmp_path / "two", "steps": 4, "previous": one}
+    with pytest.raises(RuntimeError, match=r"needs the final checkpoint of .*one \(step 4\), which stopped at step 2"):
+        run_curriculum([{**one, "steps": 2}, two])  # stage 1 counted as done at 2, but stage 2 expects 4
+
+
+def test_stage2_from_the_cache_with_a_freeze_schedule(stages):
+    root = stages[0]
+    run_dir = root / "stage2_tiny"
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    report = json.loads((run_dir / "transition.json").read_text())
+    assert report["tag"] == "step_00000004" and report["counts"]["reinit"] == 4
+    assert "stage transition from" in (run_dir / "train.log").read_text()
+    phases = [json.loads(line) for line in (run_dir / "trainable.jsonl").read_text().splitlines()]
+    assert [(p["step"], p["phase"]) for p in phases] == [(0, 0), (2, 1)]
+    assert sorted(phases[0]["groups"][0]["keys"]) == REINIT and phases[0]["groups"][1]["trainable"] is False
+    loaded, _ = load_model_weights(root / "stage1_tiny")
+    at2, _ = load_model_weights(run_dir, "step_00000002")
+    at4, _ = load_model_weights(run_dir)
+    for key in at2:  # frozen for 2 steps: exactly stage 1's weights; then trained
+        if key not in REINIT:
+            assert torch.equal(at2[key], loaded[key]), key
+    assert not torch.equal(
+        at4["double_blocks.0.img_attn.q_proj.weight"], loaded["double_blocks.0.img_attn.q_proj.weight"]
+    )
+
+
+# the new layers in a group of their own (all trainable from step 0), so the loaded group can carry its moments
+CARRY = [
+    "optim.schedule=[]",
+    r"optim.groups=[{pattern:'^(img_in|final_layer\.linear)\.',warmup_steps:2}]",
+    "steps=2",
+    PARITY_EPS,
+]
+
+
+@pytest.mark.dist
+def test_carried_adam_moments_reach_zero3_ranks_like_one_process(stages):
+    root, stage2 = stages[:2]
+    single, sharded, reset = root / "carry1", root / "carry2", root / "reset"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    carry = [*stage2, *CARRY, "transition_optimizer=carry"]
+    run([sys.executable, "-m", "src.train", *carry, "parallel=local", "data.buckets.batch_scale=2",
+         f"hydra.run.dir={single}"])  # fmt: skip
+    run([*launch, "-m", "src.train", *carry, f"hydra.run.dir={sharded}"])
+    run([*launch, "-m", "src.train", *stage2, *CARRY, f"hydra.run.dir={reset}"])
+    assert "carried over the AdamW moments of" in (sharded / "train.log").read_text()
+    w1, _ = load_model_weights(single)
+    w2, _ = load_model_weights(sharded)
+    w_reset, _ = load_model_weights(reset)
+    for key in w1:
+        assert torch.allclose(w1[key], w2[key], atol=PARAM_ATOL, rtol=0), key
+    moved = [k for k in w1 if k not in REINIT and not torch.allclose(w2[k], w_reset[k], atol=10 * PARAM_ATOL)]
+    assert len(moved) > len(w1) // 2  # the carried moments changed the updates of the loaded parameters
+    assert Moments(sharded).steps["double_blocks.0.img_attn.q_proj.weight"] == 4 + 2  # stage 1's 4 steps, then 2
+    assert Moments(sharded).steps["img_in.weight"] == 2
+
+
+def test_carry_refuses_a_group_mixing_loaded_and_new_layers(stages):
+    root, stage2 = stages[:2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train", *stage2, "optim.schedule=[]", "optim.groups=[]", "parallel=local",
+         "transition_optimizer=carry", f"hydra.run.dir={root / 'mixed'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert re.search(
+        r"optimizer group 0 \(no optim.groups rule\) mixes parameters with carried moments and parameters "
+        r"without \(img_in\.weight, img_in\.bias, final_layer\.linear\.weight",
+        proc.stderr,
+    ), proc.stderr[-2000:]

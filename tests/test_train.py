@@ -15,7 +15,7 @@ import av
 import pytest
 import torch
 
-from src.checkpoint import load_model_weights
+from src.checkpoint import Moments, load_model_weights
 from src.metrics import read_metrics
 from tests.conftest import ROOT
 
@@ -60,6 +60,13 @@ def zero3_run(tmp_path_factory):
     return run_dir, train(run_dir, PARITY_EPS)
 
 
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """The same 4 steps in one plain-PyTorch process on the same global batch (batch 4)."""
+    run_dir = tmp_path_factory.mktemp("single")
+    return run_dir, train(run_dir, "parallel=local", "data.buckets.batch_scale=2", PARITY_EPS, nproc=1)
+
+
 def test_smoke_run_writes_metrics_checkpoints_and_one_config(zero3_run):
     run_dir, rows = zero3_run
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -84,19 +91,30 @@ def test_smoke_run_writes_metrics_checkpoints_and_one_config(zero3_run):
     assert rows[0]["loss"] > 1.0 and rows[-1]["loss"] != rows[0]["loss"]
 
 
-def test_zero3_on_two_ranks_matches_one_process_on_the_same_global_batch(zero3_run, tmp_path):
+def test_zero3_on_two_ranks_matches_one_process_on_the_same_global_batch(zero3_run, single_run):
     run_dir, sharded = zero3_run
-    single = train(tmp_path, "parallel=local", "data.buckets.batch_scale=2", PARITY_EPS, nproc=1)
+    single_dir, single = single_run
     for a, b in zip(sharded, single, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (a, b)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)
         assert a["lr"] == b["lr"] and a["samples_seen"] == b["samples_seen"]
     w_sharded, _ = load_model_weights(run_dir)
-    w_single, _ = load_model_weights(tmp_path)
+    w_single, _ = load_model_weights(single_dir)
     assert w_sharded.keys() == w_single.keys()
     for name, value in w_sharded.items():
         assert torch.allclose(value, w_single[name], atol=PARAM_ATOL, rtol=0), name
     assert w_sharded["final_layer.linear.weight"].abs().max() > 0  # trained away from the zero init
+
+
+def test_adam_moments_read_from_zero3_shards_match_one_process(zero3_run, single_run):
+    # what transition_optimizer=carry hands to the next stage: consolidated per parameter from the rank shards
+    sharded, single = Moments(zero3_run[0]), Moments(single_run[0])
+    assert sharded.steps == single.steps and set(sharded.steps.values()) == {4}
+    for (name, m, v), (name1, m1, v1) in zip(sharded, single.select(sharded.steps), strict=True):
+        assert name == name1 and m.shape == m1.shape == v.shape
+        scale = m1.abs().max().clamp(min=1e-12)
+        assert torch.allclose(m, m1, atol=1e-4 * scale, rtol=1e-3), name
+        assert torch.allclose(v, v1, atol=1e-4 * v1.abs().max().clamp(min=1e-20), rtol=1e-3), name
 
 
 def test_resume_is_exact(zero3_run, tmp_path):

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from src.parallel.engine import apply_activation_checkpointing, check_precision, latest_tag, refuse_unreadable
+from src.parallel.engine import (
+    apply_activation_checkpointing,
+    check_precision,
+    init_moments,
+    latest_tag,
+    refuse_unreadable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,7 @@ class DeepSpeedEngine:
         grad_clip: float = 1.0,
         checkpoint_double: int = 0,
         checkpoint_single: int = 0,
+        param_groups: list[dict] | None = None,
     ):
         check_precision(precision)
         if zero_stage not in (1, 2, 3):
@@ -68,12 +75,13 @@ class DeepSpeedEngine:
         self.precision = precision
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model.to(device),
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model_parameters=param_groups or [p for p in model.parameters() if p.requires_grad],
             optimizer=optimizer,
             lr_scheduler=scheduler,
             config=config,
         )
         self.module = self.ds.module
+        self._inner = self.optimizer.optimizer  # the client torch optimizer; its "params" are fp32 flat shards
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         return self.ds(*args)
@@ -105,6 +113,35 @@ class DeepSpeedEngine:
         if path is None:
             raise refuse_unreadable(ckpt_dir, tag, FileNotFoundError("DeepSpeed found no model states"))
         return state
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self._inner.param_groups
+
+    def _flats(self, group: int) -> list[torch.Tensor]:
+        """This rank's fp32 flat shards of param group `group`: the tensors the client optimizer keeps state for."""
+        zero = self.optimizer
+        if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3: a group may span several sub-groups
+            subs = enumerate(zero.fp32_partitioned_groups_flat)
+            return [flat for s, flat in subs if zero.sub_group_to_group_id[s] == group]
+        return [zero.single_partition_of_fp32_groups[group]]  # ZeRO-1/2: one flat per group
+
+    def reset_optimizer_state(self, groups: Sequence[int]) -> None:
+        """Forget the moments of `groups`: AdamW starts them afresh (step 0) at their next update."""
+        for g in groups:
+            for flat in self._flats(g):
+                self._inner.state.pop(flat, None)
+
+    def load_moments(self, moments: Iterable[tuple[str, torch.Tensor, torch.Tensor]], steps: dict[int, int]) -> None:
+        """Write carried-over AdamW moments (name, exp_avg, exp_avg_sq); each rank keeps its own shard."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        for g, step in steps.items():
+            init_moments(self._inner, self._flats(g), step)
+        params = dict(self.module.named_parameters())
+        for name, exp_avg, exp_avg_sq in moments:
+            safe_set_full_optimizer_state(params[name], exp_avg.float(), "exp_avg")
+            safe_set_full_optimizer_state(params[name], exp_avg_sq.float(), "exp_avg_sq")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """All parameters gathered from their shards (every rank gets them), on CPU."""

@@ -7,6 +7,8 @@ An engine owns the (sharded) model, its optimizer and LR schedule. The loop only
     grad_norm = engine.step()           # clip, optimizer step, schedule step, zero grads
     engine.save(dir, tag, state) / state = engine.load(dir)
     engine.full_state_dict()            # consolidated weights on rank 0
+    engine.param_groups                 # the optimizer's live groups (lr, weight_decay), in the order given
+    engine.reset_optimizer_state(gs) / engine.load_moments(moments, group_steps)   # freeze schedules, stages
 
 Implementations: `DeepSpeedEngine` (ZeRO-1/2/3, the default) and `LocalEngine` (plain PyTorch, one process:
 the reference that sharded runs are tested against). An FSDP2 engine fits the same seam. A backend is
@@ -16,6 +18,7 @@ imported only when its config is chosen.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -44,12 +47,42 @@ class Engine(Protocol):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
 
+    @property
+    def param_groups(self) -> list[dict]: ...
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> LambdaLR:
-    """Linear warmup from lr / warmup_steps to lr over `warmup_steps` steps, then constant (Open-Sora)."""
+    def reset_optimizer_state(self, groups: Sequence[int]) -> None: ...
+
+    def load_moments(
+        self, moments: Iterable[tuple[str, torch.Tensor, torch.Tensor]], steps: dict[int, int]
+    ) -> None: ...
+
+
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int = 0, group_factors: Callable[[int, int], float] | None = None
+) -> LambdaLR:
+    """Linear warmup from lr / warmup_steps to lr over `warmup_steps` steps, then constant (Open-Sora).
+
+    `group_factors(group, step)` multiplies each param group's LR (freeze rules, lr_scale and per-group warmup
+    from `src.param_groups.ParamPlan.lr_factor`).
+    """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+
+    def factor(group: int, step: int) -> float:
+        base = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return base * (group_factors(group, step) if group_factors else 1.0)
+
+    return LambdaLR(optimizer, [functools.partial(factor, g) for g in range(len(optimizer.param_groups))])
+
+
+def init_moments(optimizer: torch.optim.Optimizer, tensors: Iterable[torch.Tensor], step: int) -> None:
+    """Create AdamW state (step, zero moments) for `tensors`, so that carried-over moments can be written in."""
+    for t in tensors:
+        optimizer.state[t] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": torch.zeros_like(t, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(t, memory_format=torch.preserve_format),
+        }
 
 
 def check_precision(precision: str) -> None:

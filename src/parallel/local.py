@@ -3,14 +3,20 @@ and the simplest engine to debug the model with."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from src.parallel.engine import apply_activation_checkpointing, check_precision, latest_tag, refuse_unreadable
+from src.parallel.engine import (
+    apply_activation_checkpointing,
+    check_precision,
+    init_moments,
+    latest_tag,
+    refuse_unreadable,
+)
 
 
 class LocalEngine:
@@ -26,6 +32,7 @@ class LocalEngine:
         grad_clip: float = 1.0,
         checkpoint_double: int = 0,
         checkpoint_single: int = 0,
+        param_groups: list[dict] | None = None,
     ):
         check_precision(precision)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -38,8 +45,9 @@ class LocalEngine:
         self.device = device
         self.precision = precision
         self.grad_clip = grad_clip
-        self.optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
+        self.optimizer = optimizer(param_groups or [p for p in model.parameters() if p.requires_grad])
         self.scheduler = scheduler(self.optimizer)
+        self._names = {p: n for n, p in model.named_parameters()}
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
@@ -67,6 +75,7 @@ class LocalEngine:
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "param_names": [[self._names[p] for p in g["params"]] for g in self.optimizer.param_groups],
             "state": state,
         }
         torch.save(blob, out / "local_engine.pt.tmp")
@@ -88,6 +97,26 @@ class LocalEngine:
         except Exception as err:
             raise refuse_unreadable(ckpt_dir, tag, err) from err
         return blob["state"]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def reset_optimizer_state(self, groups: Sequence[int]) -> None:
+        """Forget the moments of `groups`: AdamW starts them afresh (step 0) at their next update."""
+        for g in groups:
+            for p in self.optimizer.param_groups[g]["params"]:
+                self.optimizer.state.pop(p, None)
+
+    def load_moments(self, moments: Iterable[tuple[str, torch.Tensor, torch.Tensor]], steps: dict[int, int]) -> None:
+        """Write carried-over AdamW moments (name, exp_avg, exp_avg_sq); `steps`: group -> its AdamW step."""
+        for g, step in steps.items():
+            init_moments(self.optimizer, self.optimizer.param_groups[g]["params"], step)
+        params = dict(self.module.named_parameters())
+        for name, exp_avg, exp_avg_sq in moments:
+            state = self.optimizer.state[params[name]]
+            state["exp_avg"].copy_(exp_avg.view_as(params[name]))
+            state["exp_avg_sq"].copy_(exp_avg_sq.view_as(params[name]))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}

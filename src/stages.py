@@ -1,0 +1,152 @@
+"""One command for a staged curriculum: each stage preprocessed (when it trains from the feature cache), trained,
+and handed to the next by its run directory.
+
+    python -m src.stages conf/curriculum/demo.yaml [--nproc 2] [--out-dir outputs] [--dry-run] [override ...]
+
+A curriculum file lists stages in order: `{experiment: NAME, overrides: [key=value, ...]}`. Stage i runs in
+`OUT_DIR/<its run_name>`; from the second stage on, `init_from` is the previous stage's run directory, whose
+final checkpoint (step == its `steps`) must exist. The command is resumable: a finished stage is skipped, an
+unfinished one resumes from its own checkpoint, preprocessing skips finished feature shards. Overrides after the
+file apply to every stage (e.g. `parallel=local`). SIGUSR1 / SIGTERM are passed on to the running stage, which
+checkpoints and exits; run the same command again to go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from src.parallel.engine import latest_tag
+
+log = logging.getLogger("kiln.stages")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def read_curriculum(path: str | Path) -> list[dict]:
+    """The stages of a curriculum file, checked: each names an existing experiment."""
+    spec = OmegaConf.to_container(OmegaConf.load(path))
+    stages = spec.get("stages") if isinstance(spec, dict) else None
+    if not stages:
+        raise ValueError(f"{path}: needs a non-empty `stages:` list of {{experiment: NAME, overrides: [...]}}")
+    known = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+    for i, stage in enumerate(stages):
+        extra = set(stage) - {"experiment", "overrides"}
+        if stage.get("experiment") not in known or extra:
+            raise ValueError(
+                f"{path}: stage {i} {stage!r}: experiment must be one of {known}, keys only experiment and overrides"
+            )
+    return [{"experiment": s["experiment"], "overrides": list(s.get("overrides") or [])} for s in stages]
+
+
+def compose(experiment: str, overrides: list[str]) -> DictConfig:
+    """The training config a stage will run with (Hydra's compose, as `src.train` would build it)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return hydra_compose("train", [f"+experiment={experiment}", *overrides], return_hydra_config=True)
+
+
+def done_step(run_dir: Path) -> int:
+    """The step of a run directory's latest checkpoint (0 when it has none)."""
+    tag = latest_tag(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    return int(tag.rsplit("_", 1)[1]) if tag else 0
+
+
+def launcher(nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def plan(stages: list[dict], out_dir: Path, nproc: int, common: list[str]) -> list[dict]:
+    """Per stage: name, run directory, steps, and the preprocess and train commands."""
+    planned, previous = [], None
+    for stage in stages:
+        overrides = [f"out_dir={out_dir}", *stage["overrides"], *common]
+        if previous is not None:
+            overrides.append(f"init_from={previous['run_dir']}")
+        cfg = compose(stage["experiment"], overrides)
+        run_dir = Path(cfg.hydra.run.dir)
+        args = [f"+experiment={stage['experiment']}", *overrides]
+        cached = cfg.data.get("_target_", "").endswith("build_cached_loader")
+        entry = {
+            "experiment": stage["experiment"],
+            "run_dir": run_dir,
+            "steps": int(cfg.steps),
+            "previous": previous,
+            "preprocess": [*launcher(nproc), "-m", "src.preprocess", *args] if cached else None,
+            "train": [*launcher(nproc), "-m", "src.train", *args, f"hydra.run.dir={run_dir}"],
+        }
+        planned.append(entry)
+        previous = entry
+    return planned
+
+
+def _run(cmd: list[str]) -> int:
+    """Run one stage command, passing SIGUSR1/SIGTERM on so that the stage checkpoints and exits cleanly."""
+    log.info("$ %s", shlex.join(cmd))
+    child = subprocess.Popen(cmd)
+    forward = {s: signal.signal(s, lambda sig, _f: child.send_signal(sig)) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
+
+
+def run_curriculum(stages: list[dict], dry_run: bool = False) -> int:
+    """Run the planned stages in order; returns 0 when every stage is finished or one stopped cleanly."""
+    for i, stage in enumerate(stages):
+        name = f"stage {i + 1}/{len(stages)} ({stage['experiment']}, {stage['run_dir']})"
+        if dry_run:
+            for key in ("preprocess", "train"):
+                if stage[key]:
+                    print(shlex.join(stage[key]))
+            continue
+        if done_step(stage["run_dir"]) >= stage["steps"]:
+            log.info("%s: finished (step %d), skipped", name, stage["steps"])
+            continue
+        previous = stage["previous"]
+        if previous is not None and done_step(previous["run_dir"]) < previous["steps"]:
+            reached = done_step(previous["run_dir"])
+            raise RuntimeError(
+                f"{name} needs the final checkpoint of {previous['run_dir']} (step {previous['steps']}), "
+                f"which stopped at step {reached}"
+            )
+        for key in ("preprocess", "train"):
+            if stage[key] and (rc := _run(stage[key])) != 0:
+                log.error("%s: %s failed with exit code %d", name, key, rc)
+                return rc
+        reached = done_step(stage["run_dir"])
+        if reached < stage["steps"]:
+            log.info("%s stopped at step %d of %d: run the same command again to resume", name, reached, stage["steps"])
+            return 0
+        log.info("%s: finished", name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("curriculum", help="a curriculum file, e.g. conf/curriculum/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, e.g. parallel=local")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per stage (torchrun --standalone when > 1)")
+    parser.add_argument("--out-dir", default="outputs", help="run directories are OUT_DIR/<run_name>")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_intermixed_args(argv)
+    if args.nproc < 1:
+        parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    logging.basicConfig(level=logging.INFO, format="[kiln.stages] %(message)s")
+    stages = plan(read_curriculum(args.curriculum), Path(args.out_dir).resolve(), args.nproc, args.overrides)
+    return run_curriculum(stages, args.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
