@@ -9,6 +9,9 @@ final checkpoint (step == its `steps`) must exist. The command is resumable: a f
 unfinished one resumes from its own checkpoint, preprocessing skips finished feature shards. Overrides after the
 file apply to every stage (e.g. `parallel=local`). SIGUSR1 / SIGTERM are passed on to the running stage, which
 checkpoints and exits; run the same command again to go on.
+
+Exit status: 0 when every stage is finished; 75 (EX_TEMPFAIL) when a stage stopped cleanly before its last step
+(the same command resumes); a stage's own non-zero status when it failed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from src.parallel.engine import latest_tag
 
 log = logging.getLogger("kiln.stages")
 CONF = Path(__file__).resolve().parents[1] / "conf"
+STOPPED = 75  # EX_TEMPFAIL: a stage checkpointed and exited early (signal or STOP file); run again to resume
 
 
 def read_curriculum(path: str | Path) -> list[dict]:
@@ -103,7 +107,7 @@ def _run(cmd: list[str]) -> int:
 
 
 def run_curriculum(stages: list[dict], dry_run: bool = False) -> int:
-    """Run the planned stages in order; returns 0 when every stage is finished or one stopped cleanly."""
+    """Run the planned stages in order; returns 0 when all are finished, STOPPED when one stopped cleanly."""
     for i, stage in enumerate(stages):
         name = f"stage {i + 1}/{len(stages)} ({stage['experiment']}, {stage['run_dir']})"
         if dry_run:
@@ -128,7 +132,7 @@ def run_curriculum(stages: list[dict], dry_run: bool = False) -> int:
         reached = done_step(stage["run_dir"])
         if reached < stage["steps"]:
             log.info("%s stopped at step %d of %d: run the same command again to resume", name, reached, stage["steps"])
-            return 0
+            return STOPPED
         log.info("%s: finished", name)
     return 0
 

@@ -1,6 +1,7 @@
 """Declared stage transitions: stage 1 (HunyuanVideo latents, patch 2) -> stage 2 (DC-AE latents, patch 1)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +20,12 @@ from tests.test_train import PARAM_ATOL, PARITY_EPS, run
 
 RULES = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/experiment/stage2_tiny.yaml").transition)
 REINIT = ["final_layer.linear.bias", "final_layer.linear.weight", "img_in.bias", "img_in.weight"]
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without what an in-process test's process group left behind (RANK, MASTER_PORT...)."""
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in dist_vars} | {"OMP_NUM_THREADS": "1"}
 
 
 def stage_models(cond_channels=None):
@@ -99,6 +106,29 @@ def test_a_stage_waits_for_the_previous_stages_final_checkpoint(tmp_path):
         run_curriculum([{**one, "steps": 2}, two])  # stage 1 counted as done at 2, but stage 2 expects 4
 
 
+def test_a_signal_to_the_curriculum_stops_the_running_stage_cleanly_and_the_same_command_resumes(tmp_path):
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "src.stages", "conf/curriculum/tiny.yaml", "parallel=local", "log_every=1",
+               "--out-dir", str(tmp_path)]  # fmt: skip
+    env = clean_env()
+    with open(tmp_path / "stages.out", "w") as out:  # a file, not a pipe: an unread pipe would block the stages
+        proc = subprocess.Popen([*command, "steps=500"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    run_dir, deadline = tmp_path / "stage1_tiny", time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stages.out").read_text()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)  # to the launcher, which passes it on to the running stage
+    assert proc.wait(timeout=120) == 75, (tmp_path / "stages.out").read_text()[-3000:]
+    err = (tmp_path / "stages.out").read_text()
+    step = int((run_dir / "checkpoints" / "latest").read_text().rsplit("_", 1)[1])
+    assert 2 <= step < 500 and "stopped at step" in err and not (tmp_path / "stage2_tiny").exists()
+    run([*command, f"steps={step + 3}"])  # resumes stage 1 to its end, then runs stage 2
+    assert [r["step"] for r in read_metrics(run_dir)][-4:] == [step, step + 1, step + 2, step + 3]
+    assert len(read_metrics(tmp_path / "stage2_tiny")) == step + 3
+
+
 def test_stage2_from_the_cache_with_a_freeze_schedule(stages):
     root = stages[0]
     run_dir = root / "stage2_tiny"
@@ -156,7 +186,7 @@ def test_carry_refuses_a_group_mixing_loaded_and_new_layers(stages):
     proc = subprocess.run(
         [sys.executable, "-m", "src.train", *stage2, "optim.schedule=[]", "optim.groups=[]", "parallel=local",
          "transition_optimizer=carry", f"hydra.run.dir={root / 'mixed'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=clean_env(),
     )  # fmt: skip
     assert proc.returncode != 0
     assert re.search(

