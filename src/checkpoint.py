@@ -55,24 +55,65 @@ def _resolve(run_or_ckpt: str | Path, tag: str | None) -> tuple[Path, str]:
     return ckpt_dir, tag
 
 
-def load_model_weights(run_or_ckpt: str | Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def load_model_weights(
+    run_or_ckpt: str | Path, tag: str | None = None, ema: bool = False
+) -> tuple[dict[str, torch.Tensor], str]:
     """Consolidated fp32 model weights of a checkpoint, whichever engine wrote it.
 
-    `run_or_ckpt` is a run directory or its `checkpoints/` folder; `tag` defaults to the latest.
-    Returns (state dict, tag). Raises ValueError when there is no checkpoint to read.
+    `run_or_ckpt` is a run directory or its `checkpoints/` folder; `tag` defaults to the latest. With `ema`, the
+    EMA replaces every parameter that was trained (frozen ones have no EMA: their weights are their own).
+    Returns (state dict, tag). Raises ValueError when there is no checkpoint (or, with `ema`, no EMA) to read.
     """
     ckpt_dir, tag = _resolve(run_or_ckpt, tag)
     local = ckpt_dir / tag / "local_engine.pt"
     if local.is_file():
         blob = torch.load(local, map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in blob["module"].items()}, tag
+        weights = {k: v.float() for k, v in blob["module"].items()}
+        if ema:
+            if blob.get("ema") is None:
+                raise ValueError(f"{local} holds no EMA (the run had ema: null); read it without EMA")
+            weights.update(blob["ema"])
+        return weights, tag
     from src.parallel.deepspeed import _import_deepspeed
 
     _import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    return {k: v.float() for k, v in state.items()}, tag
+    weights = {k: v.float() for k, v in state.items()}
+    if ema:
+        weights.update(zero3_ema(ckpt_dir / tag))
+    return weights, tag
+
+
+def _zero3_layout(folder: Path, world: int) -> dict[str, tuple[int, int, int, torch.Size]]:
+    """Where each trainable parameter sits in a ZeRO-3 checkpoint's per-rank fp32 flats:
+    name -> (sub-group, offset in each rank's flat, elements per rank, full shape)."""
+    shapes = torch.load(next(folder.glob("*_model_states.pt")), map_location="cpu", weights_only=False)
+    where = {}
+    for sub, group in enumerate(shapes["param_shapes"]):
+        offset = 0
+        for name, shape in group.items():
+            per_rank = math.ceil(shape.numel() / world)
+            where[name] = (sub, offset, per_rank, shape)
+            offset += per_rank
+    return where
+
+
+def _gather(where: tuple, per_rank_flats: list[list[torch.Tensor]]) -> torch.Tensor:
+    """One parameter's full tensor from every rank's shard of it."""
+    sub, offset, per_rank, shape = where
+    parts = [flats[sub].narrow(0, offset, per_rank) for flats in per_rank_flats]
+    return torch.cat(parts)[: shape.numel()].view(shape).float()
+
+
+def zero3_ema(folder: Path) -> dict[str, torch.Tensor]:
+    """The consolidated fp32 EMA of a ZeRO-3 checkpoint folder (written by `DeepSpeedEngine.save`)."""
+    files = sorted(folder.glob("ema_rank_*.pt"))
+    if not files:
+        raise ValueError(f"{folder} holds no EMA (the run had ema: null); read it without EMA")
+    ranks = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    return {name: _gather(w, ranks) for name, w in _zero3_layout(folder, len(files)).items()}
 
 
 class Moments:
@@ -85,7 +126,6 @@ class Moments:
     def __init__(self, run_or_ckpt: str | Path, tag: str | None = None):
         ckpt_dir, self.tag = _resolve(run_or_ckpt, tag)
         folder = ckpt_dir / self.tag
-        self.names: list[str] = []
         if (folder / "local_engine.pt").is_file():
             blob = torch.load(folder / "local_engine.pt", map_location="cpu", weights_only=False, mmap=True)
             state = blob["optimizer"]["state"]
@@ -104,16 +144,10 @@ class Moments:
             raise ValueError(
                 f"{folder}: carrying optimizer state over is implemented for ZeRO-3, not stage {blobs[0]['zero_stage']}"
             )
-        self._ranks = [b["optimizer_state_dict"]["state"] for b in blobs]  # per rank: sub-group -> AdamW state
-        shapes = torch.load(next(folder.glob("*_model_states.pt")), map_location="cpu", weights_only=False)
-        self._where = {}  # name -> (sub-group, offset in this rank's flat, numel per rank, shape)
-        for sub, group in enumerate(shapes["param_shapes"]):
-            offset = 0
-            for name, shape in group.items():
-                per_rank = math.ceil(shape.numel() / len(files))
-                self._where[name] = (sub, offset, per_rank, shape)
-                offset += per_rank
-        self.steps = {n: int(self._ranks[0][w[0]]["step"]) for n, w in self._where.items()}
+        ranks = [b["optimizer_state_dict"]["state"] for b in blobs]  # per rank: sub-group -> AdamW state
+        self._flats = {key: [[r[i][key] for i in sorted(r)] for r in ranks] for key in ("exp_avg", "exp_avg_sq")}
+        self._where = _zero3_layout(folder, len(files))
+        self.steps = {n: int(ranks[0][w[0]]["step"]) for n, w in self._where.items()}
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         return self.select(self.steps)
@@ -123,9 +157,5 @@ class Moments:
             if self._local is not None:
                 yield name, self._local[name]["exp_avg"], self._local[name]["exp_avg_sq"]
                 continue
-            sub, offset, per_rank, shape = self._where[name]
-            pair = []
-            for key in ("exp_avg", "exp_avg_sq"):
-                parts = [rank[sub][key].narrow(0, offset, per_rank) for rank in self._ranks]
-                pair.append(torch.cat(parts)[: shape.numel()].view(shape).float())
-            yield name, *pair
+            where = self._where[name]
+            yield name, _gather(where, self._flats["exp_avg"]), _gather(where, self._flats["exp_avg_sq"])

@@ -20,14 +20,15 @@ from src.data.video import write_mp4
 from src.diffusion.sampler import euler_sample
 
 
-def load_run(run_dir: Path, tag: str | None = None, device: str = "cpu"):
-    """(cfg, model, vae, text, tag) of a run directory, the model holding the checkpoint's weights."""
+def load_run(run_dir: Path, tag: str | None = None, device: str = "cpu", ema: bool = True):
+    """(cfg, model, vae, text, tag) of a run directory, the model holding the checkpoint's weights (its EMA by
+    default; ValueError when the run kept none and `ema` is asked for)."""
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise ValueError(f"{run_dir} is not a Kiln run directory: it has no config.yaml")
     cfg = OmegaConf.load(config)
     model = instantiate(cfg.model)
-    weights, tag = load_model_weights(run_dir, tag)
+    weights, tag = load_model_weights(run_dir, tag, ema=ema)
     model.load_state_dict(weights, strict=True)
     return cfg, model.to(device).eval(), instantiate(cfg.vae).to(device), instantiate(cfg.text).to(device), tag
 
@@ -49,9 +50,10 @@ def generate(
     fps: int = 8,
     tag: str | None = None,
     device: str = "cpu",
+    ema: bool = True,
 ) -> list[Path]:
     """Sample one video per prompt (frames/height/width default to the largest training bucket)."""
-    cfg, model, vae, text, tag = load_run(Path(run_dir), tag, device)
+    cfg, model, vae, text, tag = load_run(Path(run_dir), tag, device, ema)
     buckets = instantiate(cfg.data.buckets)
     res = buckets.order[0]  # default: the largest resolution's longest clip, closest to square
     default_h, default_w = buckets.nearest_shape(res, 1, 1)
@@ -67,7 +69,7 @@ def generate(
         z = euler_sample(model, noise, txt, vec, null_txt[0], null_vec[0], steps=steps, guidance=guidance)
         video = vae.decode(z)[0].clamp(-1, 1)  # (3, T, H, W)
         paths.append(write_mp4(out_dir / f"{i:02d}_{slug(prompt)}.mp4", video.cpu(), fps))
-        print(f"{tag}: {prompt!r} -> {paths[-1]}")
+        print(f"{tag}{' (EMA)' if ema else ''}: {prompt!r} -> {paths[-1]}")
     return paths
 
 
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="sample with the EMA weights (default) or the raw ones")  # fmt: skip
     args = parser.parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         fps=args.fps,
         tag=args.tag,
         device=args.device,
+        ema=args.ema,
     )
 
 

@@ -30,7 +30,7 @@ from src.diffusion.flow import drop_text
 from src.flops import peak_flops, step_flops
 from src.metrics import StepWindow, truncate_after
 from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
-from src.parallel.engine import latest_tag
+from src.parallel.engine import ema_decay, latest_tag
 from src.param_groups import ParamPlan, enter_phase
 from src.preemption import StopRequest, clear_stale_stop
 
@@ -88,6 +88,8 @@ def check_knobs(cfg: DictConfig) -> None:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg.steps < 0:
         raise ValueError(f"steps must be >= 0, got {cfg.steps}")
+    if cfg.ema is not None:
+        ema_decay(1, cfg.ema.decay, cfg.ema.warmup)  # raises on a decay outside [0, 1)
     if cfg.transition_optimizer not in ("reset", "carry"):
         raise ValueError(f"transition_optimizer must be reset or carry, got {cfg.transition_optimizer!r}")
 
@@ -130,6 +132,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     default_weight_decay = engine.param_groups[0]["weight_decay"]  # the optimizer's own, before any resume
     if new_stage and cfg.transition_optimizer == "carry":
         carry_moments(engine, plan, cfg.init_from, transition)
+    if cfg.ema is not None:
+        engine.init_ema()  # from the starting weights; a resumed run loads its own below
 
     state = engine.load(ckpt_dir) or {"step": 0, "samples_seen": 0, "data": None, "skipped": {}, "failed": {}}
     step, samples_seen = state["step"], state["samples_seen"]
@@ -185,6 +189,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         engine.backward(loss)
         grad_norm = engine.step()
         step += 1
+        if cfg.ema is not None:
+            engine.update_ema(ema_decay(step, cfg.ema.decay, cfg.ema.warmup))
         global_samples = len(batch["index"]) * dist.dp_world
         samples_seen += global_samples
         skipped.update(batch["plan_skipped"])

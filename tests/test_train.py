@@ -106,6 +106,21 @@ def test_zero3_on_two_ranks_matches_one_process_on_the_same_global_batch(zero3_r
     assert w_sharded["final_layer.linear.weight"].abs().max() > 0  # trained away from the zero init
 
 
+def test_zero3_ema_is_sharded_saved_and_matches_one_process(zero3_run, single_run):
+    # each rank averages its own fp32 shard; consolidated, the EMA equals the single-process one
+    ema_sharded, _ = load_model_weights(zero3_run[0], ema=True)
+    ema_single, _ = load_model_weights(single_run[0], ema=True)
+    raw, _ = load_model_weights(zero3_run[0])
+    assert sorted((zero3_run[0] / "checkpoints/step_00000004").glob("ema_rank_*.pt"))[-1].name == "ema_rank_00001.pt"
+    assert ema_sharded.keys() == raw.keys()
+    for name, value in ema_sharded.items():
+        assert value.dtype == torch.float32 and torch.allclose(value, ema_single[name], atol=PARAM_ATOL, rtol=0), name
+    # 4 steps with warmup: decays 2/11, 3/12, 4/13, 5/14 -> the EMA sits between the init and the trained weights
+    moved = raw["final_layer.linear.weight"].abs().max()
+    gap = (ema_sharded["final_layer.linear.weight"] - raw["final_layer.linear.weight"]).abs().max()
+    assert 0 < gap < moved
+
+
 def test_adam_moments_read_from_zero3_shards_match_one_process(zero3_run, single_run):
     # what transition_optimizer=carry hands to the next stage: consolidated per parameter from the rank shards
     sharded, single = Moments(zero3_run[0]), Moments(single_run[0])
@@ -127,9 +142,10 @@ def test_resume_is_exact(zero3_run, tmp_path):
         assert a["loss"] == b["loss"], (a, b)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
         assert a["samples_seen"] == b["samples_seen"]
-    w_straight, _ = load_model_weights(straight_dir)
-    w_resumed, _ = load_model_weights(tmp_path)
-    assert all(torch.equal(w_straight[k], w_resumed[k]) for k in w_straight)
+    for ema in (False, True):  # the EMA shards resume exactly too
+        w_straight, _ = load_model_weights(straight_dir, ema=ema)
+        w_resumed, _ = load_model_weights(tmp_path, ema=ema)
+        assert all(torch.equal(w_straight[k], w_resumed[k]) for k in w_straight), ema
 
 
 def test_activation_checkpointing_under_zero3_changes_no_number(zero3_run, tmp_path):

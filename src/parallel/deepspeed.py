@@ -12,10 +12,12 @@ from torch import nn
 
 from src.parallel.engine import (
     apply_activation_checkpointing,
+    check_ema,
     check_precision,
     init_moments,
     latest_tag,
     refuse_unreadable,
+    update_ema,
 )
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class DeepSpeedEngine:
         )
         self.module = self.ds.module
         self._inner = self.optimizer.optimizer  # the client torch optimizer; its "params" are fp32 flat shards
+        self.ema: list[torch.Tensor] | None = None  # this rank's fp32 EMA, shaped like its fp32 master shards
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         return self.ds(*args)
@@ -98,7 +101,11 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, ckpt_dir: Path, tag: str, state: dict) -> None:
-        """Every rank writes its shard; `state` (step, data position, RNG) is stored per rank."""
+        """Every rank writes its shard (and its EMA shard, before `latest` moves); `state` (step, data position,
+        RNG) is stored per rank."""
+        if self.ema is not None:
+            self._ema_file(ckpt_dir, tag).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.ema, self._ema_file(ckpt_dir, tag))
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state)
 
     def load(self, ckpt_dir: Path) -> dict | None:
@@ -112,6 +119,13 @@ class DeepSpeedEngine:
             raise refuse_unreadable(ckpt_dir, tag, err) from err
         if path is None:
             raise refuse_unreadable(ckpt_dir, tag, FileNotFoundError("DeepSpeed found no model states"))
+        if self.ema is not None:
+            file = self._ema_file(ckpt_dir, tag)
+            try:
+                saved = torch.load(file, map_location=self.ema[0].device, weights_only=True) if file.is_file() else None
+            except Exception as err:
+                raise refuse_unreadable(ckpt_dir, tag, err) from err
+            self.ema = check_ema(saved, self.ema, file)
         return state
 
     @property
@@ -125,6 +139,23 @@ class DeepSpeedEngine:
             subs = enumerate(zero.fp32_partitioned_groups_flat)
             return [flat for s, flat in subs if zero.sub_group_to_group_id[s] == group]
         return [zero.single_partition_of_fp32_groups[group]]  # ZeRO-1/2: one flat per group
+
+    def _all_flats(self) -> list[torch.Tensor]:
+        """This rank's fp32 master shards, every group (ZeRO-3: in sub-group order, as checkpoints store them)."""
+        zero = self.optimizer
+        if hasattr(zero, "fp32_partitioned_groups_flat"):
+            return list(zero.fp32_partitioned_groups_flat)
+        return list(zero.single_partition_of_fp32_groups)
+
+    def init_ema(self) -> None:
+        """Start the EMA at the current fp32 master weights; each rank averages only its own shard."""
+        self.ema = [flat.detach().float().clone() for flat in self._all_flats()]
+
+    def update_ema(self, decay: float) -> None:
+        update_ema(self.ema, self._all_flats(), decay)
+
+    def _ema_file(self, ckpt_dir: Path, tag: str) -> Path:
+        return Path(ckpt_dir) / tag / f"ema_rank_{self._deepspeed.comm.get_rank():05d}.pt"
 
     def reset_optimizer_state(self, groups: Sequence[int]) -> None:
         """Forget the moments of `groups`: AdamW starts them afresh (step 0) at their next update."""

@@ -9,6 +9,7 @@ An engine owns the (sharded) model, its optimizer and LR schedule. The loop only
     engine.full_state_dict()            # consolidated weights on rank 0
     engine.param_groups                 # the optimizer's live groups (lr, weight_decay), in the order given
     engine.reset_optimizer_state(gs) / engine.load_moments(moments, group_steps)   # freeze schedules, stages
+    engine.init_ema() / engine.update_ema(decay)   # an fp32 EMA of the trainable weights, sharded like them
 
 Implementations: `DeepSpeedEngine` (ZeRO-1/2/3, the default) and `LocalEngine` (plain PyTorch, one process:
 the reference that sharded runs are tested against). An FSDP2 engine fits the same seam. A backend is
@@ -18,6 +19,7 @@ imported only when its config is chosen.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 
 PRECISIONS = ("fp32", "bf16")
+log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
@@ -52,6 +55,10 @@ class Engine(Protocol):
 
     def reset_optimizer_state(self, groups: Sequence[int]) -> None: ...
 
+    def init_ema(self) -> None: ...
+
+    def update_ema(self, decay: float) -> None: ...
+
     def load_moments(
         self, moments: Iterable[tuple[str, torch.Tensor, torch.Tensor]], steps: dict[int, int]
     ) -> None: ...
@@ -73,6 +80,37 @@ def warmup_schedule(
         return base * (group_factors(group, step) if group_factors else 1.0)
 
     return LambdaLR(optimizer, [functools.partial(factor, g) for g in range(len(optimizer.param_groups))])
+
+
+def ema_decay(step: int, decay: float, warmup: bool = True) -> float:
+    """EMA decay after `step` optimizer steps (1-based): `decay`, or with warmup min(decay, (1 + step) / (10 + step)),
+    so that the average is not dominated by the initial weights early in a run."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema decay must be in [0, 1), got {decay}")
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+@torch.no_grad()
+def update_ema(ema: list[torch.Tensor], current: list[torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * current, in fp32, tensor by tensor."""
+    for e, c in zip(ema, current, strict=True):
+        e.lerp_(c.detach().float(), 1.0 - decay)
+
+
+def check_ema(saved, fresh, where):
+    """The EMA to resume with: the saved one, or (a checkpoint from a run without EMA) the current weights.
+
+    Raises ValueError when the saved EMA does not have the fresh one's layout (names or shapes)."""
+    if saved is None:
+        log.warning("%s holds no EMA (the run had ema: null): the EMA starts again from the current weights", where)
+        return fresh
+
+    def layout(ema):  # names and shapes (plain engine), or the shard shapes (ZeRO)
+        return {k: tuple(v.shape) for k, v in ema.items()} if isinstance(ema, dict) else [t.shape for t in ema]
+
+    if layout(saved) != layout(fresh):
+        raise ValueError(f"{where}: the saved EMA does not match this model's trainable parameters")
+    return saved
 
 
 def init_moments(optimizer: torch.optim.Optimizer, tensors: Iterable[torch.Tensor], step: int) -> None:

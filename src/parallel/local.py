@@ -12,10 +12,12 @@ from torch import nn
 
 from src.parallel.engine import (
     apply_activation_checkpointing,
+    check_ema,
     check_precision,
     init_moments,
     latest_tag,
     refuse_unreadable,
+    update_ema,
 )
 
 
@@ -48,6 +50,7 @@ class LocalEngine:
         self.optimizer = optimizer(param_groups or [p for p in model.parameters() if p.requires_grad])
         self.scheduler = scheduler(self.optimizer)
         self._names = {p: n for n, p in model.named_parameters()}
+        self.ema: dict[str, torch.Tensor] | None = None  # name -> fp32 average of a trainable parameter
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
@@ -76,6 +79,7 @@ class LocalEngine:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "param_names": [[self._names[p] for p in g["params"]] for g in self.optimizer.param_groups],
+            "ema": self.ema,
             "state": state,
         }
         torch.save(blob, out / "local_engine.pt.tmp")
@@ -94,9 +98,23 @@ class LocalEngine:
             self.module.load_state_dict(blob["module"], strict=True)
             self.optimizer.load_state_dict(blob["optimizer"])
             self.scheduler.load_state_dict(blob["scheduler"])
+            if self.ema is not None:
+                self.ema = check_ema(blob.get("ema"), self.ema, path)
         except Exception as err:
             raise refuse_unreadable(ckpt_dir, tag, err) from err
         return blob["state"]
+
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        """The parameters the optimizer holds (ever trainable), by name."""
+        return {self._names[p]: p for g in self.optimizer.param_groups for p in g["params"]}
+
+    def init_ema(self) -> None:
+        """Start the EMA at the current weights (fp32)."""
+        self.ema = {n: p.detach().float().clone() for n, p in self._trainable().items()}
+
+    def update_ema(self, decay: float) -> None:
+        current = self._trainable()
+        update_ema(list(self.ema.values()), [current[n] for n in self.ema], decay)
 
     @property
     def param_groups(self) -> list[dict]:
