@@ -9,6 +9,7 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -62,8 +63,16 @@ def load_model_weights(
 
     `run_or_ckpt` is a run directory or its `checkpoints/` folder; `tag` defaults to the latest. With `ema`, the
     EMA replaces every parameter that was trained (frozen ones have no EMA: their weights are their own).
+    An export folder (`python -m src.export`: model.safetensors + export.json) is read as it was written (its
+    export.json says whether it holds the EMA); the tag is then "export:<source tag>".
     Returns (state dict, tag). Raises ValueError when there is no checkpoint (or, with `ema`, no EMA) to read.
     """
+    if (Path(run_or_ckpt) / "export.json").is_file():
+        from safetensors.torch import load_file
+
+        record = json.loads((Path(run_or_ckpt) / "export.json").read_text())
+        weights = {k: v.float() for k, v in load_file(Path(run_or_ckpt) / "model.safetensors").items()}
+        return weights, f"export:{record['tag']}{' (EMA)' if record['ema'] else ''}"
     ckpt_dir, tag = _resolve(run_or_ckpt, tag)
     local = ckpt_dir / tag / "local_engine.pt"
     if local.is_file():

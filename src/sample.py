@@ -75,7 +75,7 @@ def generate(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="a training run directory (holding config.yaml, checkpoints/)")
+    parser.add_argument("run_dir", type=Path, help="a run directory (config.yaml, checkpoints/) or an export folder")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/samples)")

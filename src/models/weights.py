@@ -76,7 +76,7 @@ def checkpoint_keys(path: str | Path) -> list[str]:
     return keys
 
 
-def _file_sha256(file: Path) -> str:
+def file_sha256(file: Path) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -99,7 +99,7 @@ def weights_sha256(path: str | Path) -> str:
         st = file.stat()
         key = f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         if key not in cache:
-            cache[key], dirty = _file_sha256(file), True
+            cache[key], dirty = file_sha256(file), True
         parts.append(f"{file.name}:{cache[key]}" if Path(path).is_dir() else cache[key])
     if dirty:
         try:
