@@ -56,6 +56,21 @@ def _resolve(run_or_ckpt: str | Path, tag: str | None) -> tuple[Path, str]:
     return ckpt_dir, tag
 
 
+def is_released(path: str | Path) -> bool:
+    """A weight file, or a folder of weight files that is neither a Kiln run, checkpoint folder nor export."""
+    from src.models.weights import WEIGHT_SUFFIXES
+
+    path = Path(path)
+    if path.is_file():
+        return path.name.endswith(WEIGHT_SUFFIXES)
+    kiln = ("checkpoints", "latest", "export.json", "local_engine.pt")
+    return (
+        path.is_dir()
+        and not any((path / k).exists() for k in kiln)
+        and any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir())
+    )
+
+
 def load_model_weights(
     run_or_ckpt: str | Path, tag: str | None = None, ema: bool = False
 ) -> tuple[dict[str, torch.Tensor], str]:
@@ -63,10 +78,16 @@ def load_model_weights(
 
     `run_or_ckpt` is a run directory or its `checkpoints/` folder; `tag` defaults to the latest. With `ema`, the
     EMA replaces every parameter that was trained (frozen ones have no EMA: their weights are their own).
+    A released checkpoint (a weight file, or a folder of shards with or without a `*.index.json`, named as the
+    model's own keys: Open-Sora 2.0's layout) is read whole; the tag is then "weights:<name>".
     An export folder (`python -m src.export`: model.safetensors + export.json) is read as it was written (its
     export.json says whether it holds the EMA); the tag is then "export:<source tag>".
     Returns (state dict, tag). Raises ValueError when there is no checkpoint (or, with `ema`, no EMA) to read.
     """
+    if is_released(run_or_ckpt):  # e.g. Open-Sora 2.0's safetensors, single or sharded with an index
+        from src.models.weights import read_sharded
+
+        return {k: v.float() for k, v in read_sharded(run_or_ckpt).items()}, f"weights:{Path(run_or_ckpt).name}"
     if (Path(run_or_ckpt) / "export.json").is_file():
         from safetensors.torch import load_file
 

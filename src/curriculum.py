@@ -114,8 +114,10 @@ def carry_moments(engine, param_plan, init_from: str | Path, transition: list[di
     Raises ValueError naming the group when an optimizer group mixes loaded parameters that have moments with
     parameters that do not (re-initialised, or frozen in the previous stage).
     """
-    from src.checkpoint import Moments
+    from src.checkpoint import Moments, is_released
 
+    if is_released(init_from):
+        raise ValueError(f"transition_optimizer=carry needs a Kiln run as init_from; {init_from} holds weights only")
     moments = Moments(init_from)
     loaded = {e["key"] for e in transition if e["action"] == "load"} & set(moments.steps)
     steps = {}

@@ -194,3 +194,31 @@ def test_carry_refuses_a_group_mixing_loaded_and_new_layers(stages):
         r"without \(img_in\.weight, img_in\.bias, final_layer\.linear\.weight",
         proc.stderr,
     ), proc.stderr[-2000:]
+
+
+def test_init_from_a_released_checkpoint_single_or_sharded_is_strict(tmp_path):
+    from safetensors.torch import save_file
+
+    one, _ = stage_models()
+    weights = one.state_dict()
+    keys = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    release = tmp_path / "release"
+    release.mkdir()
+    for shard, names in halves.items():
+        save_file({k: weights[k].contiguous() for k in names}, release / shard)
+    index = {"weight_map": {k: shard for shard, names in halves.items() for k in names}}
+    (release / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp_path / "single.safetensors")
+    for source in (release, tmp_path / "single.safetensors"):
+        torch.manual_seed(3)
+        fresh = MMDiT(**tiny_model_kwargs(in_channels=16, patch_size=[1, 2, 2]))
+        plan = apply_transition(fresh, source, [])
+        assert {e["action"] for e in plan} == {"load"} and len(plan) == len(weights)
+        assert all(torch.equal(v, weights[k]) for k, v in fresh.state_dict().items()), source
+    (release / "model-00002-of-00002.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(ValueError, match="names shards that are not there: model-00002-of-00002.safetensors"):
+        apply_transition(fresh, release, [])
+    save_file({k: v.contiguous() for k, v in weights.items() if k != "txt_in.bias"}, tmp_path / "short.safetensors")
+    with pytest.raises(ValueError, match=r"txt_in\.bias \(previous stage None"):
+        apply_transition(fresh, tmp_path / "short.safetensors", [])  # strict: a key the release lacks is an error

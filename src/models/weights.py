@@ -62,6 +62,23 @@ def read_state_dict(path: str | Path, skip: tuple[str, ...] = ()) -> dict[str, t
     return state
 
 
+def read_sharded(path: str | Path) -> dict[str, torch.Tensor]:
+    """A released checkpoint: one weight file, or a directory of shards. With a `*.index.json` (the Hugging Face
+    layout), every shard it names must exist and every key it lists must be read, or ValueError names them."""
+    path = Path(path)
+    indexes = sorted(path.glob("*.index.json")) if path.is_dir() else []
+    state = read_state_dict(path)
+    for index in indexes:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        absent = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if absent:
+            raise ValueError(f"{index} names shards that are not there: {', '.join(absent)}")
+        unread = sorted(k for k in weight_map if k not in state)
+        if unread:
+            raise ValueError(f"{index} lists tensors no shard holds: {_listing('keys', unread)}")
+    return state
+
+
 def checkpoint_keys(path: str | Path) -> list[str]:
     """The tensor names of a checkpoint, without reading its tensors where the format allows."""
     keys: list[str] = []
