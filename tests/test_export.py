@@ -116,3 +116,73 @@ def test_an_export_is_sampled_from_and_fine_tuned_from(trained, tmp_path):
     exported, _ = load_model_weights(tmp_path / "out")
     assert {e["action"] for e in plan} == {"load"}
     assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())
+
+
+# --- diffusers FluxTransformer2DModel ---------------------------------------------------------------------------
+
+
+def _random_nonzero_model():
+    """A tiny MMDiT with every weight random and non-zero: a zero-initialised final layer would hide mistakes."""
+    from src.models.mmdit import MMDiT
+    from tests.conftest import tiny_model_kwargs
+
+    torch.manual_seed(0)
+    cfg = tiny_model_kwargs(attn_backend="sdpa")
+    model = MMDiT(**cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    return cfg, model
+
+
+@torch.no_grad()
+def test_the_mapping_reproduces_kiln_in_diffusers_and_renames_back_exactly():
+    from diffusers import FluxTransformer2DModel
+
+    from src.export import fixed_inputs
+    from src.models.diffusers_flux import diffusers_forward, flux_config, from_diffusers, to_diffusers
+
+    cfg, model = _random_nonzero_model()
+    flux = FluxTransformer2DModel(**flux_config(cfg)).eval()
+    flux.load_state_dict(to_diffusers(model.state_dict(), cfg["hidden"]), strict=True)
+    inputs = fixed_inputs(model)
+    expected, got = model(*inputs), diffusers_forward(flux, model, *inputs)
+    assert (expected - got).abs().max() <= 1e-5 * expected.abs().max()  # measured: 3e-8 of a scale of 1.7
+    back = from_diffusers(flux.state_dict(), list(model.state_dict()))
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="cond_channels=17"):
+        flux_config({**cfg, "cond_channels": 17})
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_diffusers_export_passes_its_gate_and_imports_back_exactly(trained, tmp_path, dtype):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    record = export(trained, tmp_path / "flux", ema=False, dtype=dtype, fmt="diffusers")
+    parity = record["parity"]
+    assert parity["passed"] and parity["round_trip_exact"] and parity["missing"] == parity["unexpected"] == []
+    assert parity["dtypes"] == ["float32" if dtype == "fp32" else "bfloat16"]
+    assert (tmp_path / "flux" / "config.json").is_file() and (tmp_path / "flux" / "kiln_config.yaml").is_file()
+    if dtype == "fp32":  # init_from a diffusers folder: exactly Kiln's original weights
+        model = instantiate(OmegaConf.load(tmp_path / "flux" / "kiln_config.yaml").model)
+        plan = apply_transition(model, tmp_path / "flux", [])
+        original, _ = load_model_weights(trained)
+        assert {e["action"] for e in plan} == {"load"}
+        assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_a_swapped_shift_and_scale_fails_the_diffusers_gate(trained, tmp_path):
+    from omegaconf import OmegaConf
+
+    from src.export import diffusers_gate
+
+    out = tmp_path / "flux"
+    export(trained, out, ema=False, fmt="diffusers")
+    written = load_file(out / "diffusion_pytorch_model.safetensors")
+    for key in ("norm_out.linear.weight", "norm_out.linear.bias"):  # FLUX's (shift, scale), not diffusers' order
+        written[key] = torch.cat(written[key].chunk(2)[::-1]).contiguous()
+    save_file(written, out / "diffusion_pytorch_model.safetensors")
+    live, _ = load_model_weights(trained)
+    with pytest.raises(ParityError, match='"round_trip_exact": false'):
+        diffusers_gate(out, live, OmegaConf.load(out / "kiln_config.yaml").model, "fp32")
