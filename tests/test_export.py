@@ -186,3 +186,12 @@ def test_a_swapped_shift_and_scale_fails_the_diffusers_gate(trained, tmp_path):
     live, _ = load_model_weights(trained)
     with pytest.raises(ParityError, match='"round_trip_exact": false'):
         diffusers_gate(out, live, OmegaConf.load(out / "kiln_config.yaml").model, "fp32")
+
+
+def test_a_two_step_fine_tune_starts_from_an_export(trained, tmp_path):
+    export(trained, tmp_path / "export")
+    rows = train(tmp_path / "finetune", "steps=2", f"init_from={tmp_path / 'export'}", PARITY_EPS)
+    report = json.loads((tmp_path / "finetune" / "transition.json").read_text())
+    exported, _ = load_model_weights(tmp_path / "export")
+    assert report["tag"] == "export:step_00000002 (EMA)" and report["counts"] == {"load": len(exported)}
+    assert [r["step"] for r in rows] == [1, 2]

@@ -14,7 +14,9 @@ diffusers takes already-patchified tokens: feed it `model.patchify(x)` with `img
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 
@@ -175,10 +177,7 @@ def diffusers_forward(flux, model, x, txt, vec, t) -> torch.Tensor:
     return model.unpatchify(out, grid)
 
 
-def is_diffusers_flux(path) -> bool:
+def is_diffusers_flux(path: str | Path) -> bool:
     """A diffusers FluxTransformer2DModel folder (config.json naming the class, safetensors beside it)."""
-    import json
-    from pathlib import Path
-
     config = Path(path) / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("_class_name") == "FluxTransformer2DModel"
