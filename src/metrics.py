@@ -51,6 +51,13 @@ class MetricsLogger:
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
 
+    def log_videos(self, step: int, paths: list[Path]) -> None:
+        """Fixed-prompt evaluation videos: to wandb when it is on (they are in RUN_DIR/eval/ either way)."""
+        if self.run is not None and paths:
+            import wandb as wandb_lib
+
+            self.run.log({f"eval/{p.stem}": wandb_lib.Video(str(p), format="mp4") for p in paths}, step=step)
+
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()

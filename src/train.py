@@ -27,6 +27,7 @@ from src.curriculum import apply_transition, carry_moments
 from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
 from src.diffusion.flow import drop_text
+from src.evaluate import eval_due, evaluate
 from src.flops import peak_flops, step_flops
 from src.metrics import StepWindow, truncate_after
 from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
@@ -149,6 +150,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         text = vae = None
         null_txt, null_vec = data.null_features()  # (1, L, D), (1, Dv): the cache's empty prompt, for CFG
         latent_shapes, (txt_dim, vec_dim) = data.latent_shapes, data.text_dims
+        if cfg.eval.prompts:  # fixed-prompt evaluation needs the encoders after all (same configs as the cache)
+            text, vae = instantiate(cfg.text).to(device), instantiate(cfg.vae).to(device)
     else:
         text = instantiate(cfg.text).to(device)
         vae = instantiate(cfg.vae).to(device)
@@ -222,6 +225,23 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
                 "failed": dict(failed),
             }
             engine.save(ckpt_dir, step_tag(step), loop_state)
+        if eval_due(step, cfg.eval.every, cfg.steps, cfg.eval.prompts):
+            videos = evaluate(
+                engine,
+                text,
+                vae,
+                list(cfg.eval.prompts),
+                next(iter(latent_shapes.values())),  # the first configured bucket's latent
+                null_txt,
+                null_vec,
+                run_dir / "eval" if dist.is_main else None,
+                step,
+                device,
+                seed=cfg.eval.seed,
+                steps=cfg.eval.steps,
+                guidance=cfg.eval.guidance,
+            )
+            logger.log_videos(step, videos)
         if stopping and step < cfg.steps:
             log.info(
                 "stop requested (%s): checkpointed step %d of %d; the same command resumes",
