@@ -18,17 +18,23 @@ from omegaconf import OmegaConf
 from src.checkpoint import load_model_weights
 from src.data.video import write_mp4
 from src.diffusion.sampler import euler_sample
+from src.models.diffusers_flux import from_diffusers, is_diffusers_flux
+from src.models.weights import read_state_dict
 
 
 def load_run(run_dir: Path, tag: str | None = None, device: str = "cpu", ema: bool = True):
     """(cfg, model, vae, text, tag) of a run directory, the model holding the checkpoint's weights (its EMA by
     default; ValueError when the run kept none and `ema` is asked for)."""
-    config = run_dir / "config.yaml"
+    diffusers = is_diffusers_flux(run_dir)  # an export with --format diffusers: Kiln's config beside it
+    config = run_dir / ("kiln_config.yaml" if diffusers else "config.yaml")
     if not config.is_file():
-        raise ValueError(f"{run_dir} is not a Kiln run directory: it has no config.yaml")
+        raise ValueError(f"{run_dir} is neither a Kiln run directory nor an export: it has no {config.name}")
     cfg = OmegaConf.load(config)
     model = instantiate(cfg.model)
-    weights, tag = load_model_weights(run_dir, tag, ema=ema)
+    if diffusers:
+        weights, tag = from_diffusers(read_state_dict(run_dir), list(model.state_dict())), f"diffusers:{run_dir.name}"
+    else:
+        weights, tag = load_model_weights(run_dir, tag, ema=ema)
     model.load_state_dict(weights, strict=True)
     return cfg, model.to(device).eval(), instantiate(cfg.vae).to(device), instantiate(cfg.text).to(device), tag
 

@@ -164,10 +164,14 @@ def test_diffusers_export_passes_its_gate_and_imports_back_exactly(trained, tmp_
     assert parity["passed"] and parity["round_trip_exact"] and parity["missing"] == parity["unexpected"] == []
     assert parity["dtypes"] == ["float32" if dtype == "fp32" else "bfloat16"]
     assert (tmp_path / "flux" / "config.json").is_file() and (tmp_path / "flux" / "kiln_config.yaml").is_file()
-    if dtype == "fp32":  # init_from a diffusers folder: exactly Kiln's original weights
+    if dtype == "fp32":  # sampled from, and init_from a diffusers folder: exactly Kiln's original weights
+        from src.sample import load_run
+
+        _, sampled, *_ = load_run(tmp_path / "flux")
+        original, _ = load_model_weights(trained)
+        assert all(torch.equal(v, original[k]) for k, v in sampled.state_dict().items())
         model = instantiate(OmegaConf.load(tmp_path / "flux" / "kiln_config.yaml").model)
         plan = apply_transition(model, tmp_path / "flux", [])
-        original, _ = load_model_weights(trained)
         assert {e["action"] for e in plan} == {"load"}
         assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
