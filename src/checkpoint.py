@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from src.models.diffusers_flux import from_diffusers, is_diffusers_flux
 from src.parallel.engine import latest_tag
 
 
@@ -72,7 +73,7 @@ def is_released(path: str | Path) -> bool:
 
 
 def load_model_weights(
-    run_or_ckpt: str | Path, tag: str | None = None, ema: bool = False
+    run_or_ckpt: str | Path, tag: str | None = None, ema: bool = False, names: list[str] | None = None
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Consolidated fp32 model weights of a checkpoint, whichever engine wrote it.
 
@@ -82,8 +83,18 @@ def load_model_weights(
     model's own keys: Open-Sora 2.0's layout) is read whole; the tag is then "weights:<name>".
     An export folder (`python -m src.export`: model.safetensors + export.json) is read as it was written (its
     export.json says whether it holds the EMA); the tag is then "export:<source tag>".
+    A diffusers FluxTransformer2DModel folder (FLUX.1-dev, or an export with --format diffusers) is renamed to
+    `names`, the model's own keys (`src/models/diffusers_flux.py`); what does not map keeps its diffusers name,
+    for the caller's strict load to report. The tag is then "diffusers:<folder>".
     Returns (state dict, tag). Raises ValueError when there is no checkpoint (or, with `ema`, no EMA) to read.
     """
+    if is_diffusers_flux(run_or_ckpt):
+        if names is None:
+            raise ValueError(f"{run_or_ckpt} is a diffusers FluxTransformer2DModel folder: pass the model's key names")
+        from src.models.weights import read_state_dict
+
+        weights = from_diffusers(read_state_dict(run_or_ckpt), names, strict=False)
+        return {k: v.float() for k, v in weights.items()}, f"diffusers:{Path(run_or_ckpt).name}"
     if is_released(run_or_ckpt):  # e.g. Open-Sora 2.0's safetensors, single or sharded with an index
         from src.models.weights import read_sharded
 

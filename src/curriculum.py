@@ -31,8 +31,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.models.diffusers_flux import from_diffusers, is_diffusers_flux
-
 log = logging.getLogger("kiln.curriculum")
 ACTIONS = ("load", "reinit", "zero", "drop")
 
@@ -88,13 +86,8 @@ def apply_transition(
     from src.checkpoint import load_model_weights
 
     target = model.state_dict()
-    if is_diffusers_flux(init_from):  # e.g. FLUX.1-dev, as Open-Sora 2.0 started: renamed, then the same rules
-        from src.models.weights import read_state_dict
-
-        source = from_diffusers(read_state_dict(init_from), list(target), strict=False)
-        tag = f"diffusers:{Path(init_from).name}"
-    else:
-        source, tag = load_model_weights(init_from)
+    # a diffusers folder (e.g. FLUX.1-dev, as Open-Sora 2.0 started) is renamed to these keys first
+    source, tag = load_model_weights(init_from, names=list(target))
     plan = plan_transition(source, target, rules)
     for entry in plan:
         if entry["action"] == "load":

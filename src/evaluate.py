@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 from src.checkpoint import step_tag
-from src.data.video import write_mp4
-from src.diffusion.sampler import euler_sample
-from src.sample import slug
+from src.sample import sample_prompts
 
 
 def eval_due(step: int, every: int, last_step: int, prompts) -> bool:
@@ -37,19 +35,9 @@ def evaluate(
     seed: int = 0,
     steps: int = 20,
     guidance: float = 4.0,
-    fps: int = 8,
 ) -> list[Path]:
-    """Sample `prompts` (prompt i from noise seeded `seed + i`, shape (C, T', H', W')); write mp4s when `out_dir`
-    is given (rank 0). Returns the written paths."""
+    """Sample `prompts` through the engine; rank 0 (the one given `out_dir`) writes `out_dir/step_N/*.mp4`."""
     folder = out_dir / step_tag(step) if out_dir is not None else None
-    paths = []
-    for i, prompt in enumerate(prompts):
-        noise = torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(seed + i)).to(device)
-        txt, vec = text([prompt])
-        z = euler_sample(engine, noise, txt.to(device), vec.to(device), null_txt[0], null_vec[0], steps, guidance)
-        if folder is not None:
-            with torch.no_grad():
-                video = vae.decode(z.float())[0].clamp(-1, 1)  # (3, T, H, W)
-            folder.mkdir(parents=True, exist_ok=True)
-            paths.append(write_mp4(folder / f"{i:02d}_{slug(prompt)}.mp4", video.cpu(), fps))
-    return paths
+    return sample_prompts(
+        engine, text, vae, prompts, latent_shape, null_txt, null_vec, folder, device, seed, steps, guidance
+    )

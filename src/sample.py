@@ -18,8 +18,7 @@ from omegaconf import OmegaConf
 from src.checkpoint import load_model_weights
 from src.data.video import write_mp4
 from src.diffusion.sampler import euler_sample
-from src.models.diffusers_flux import from_diffusers, is_diffusers_flux
-from src.models.weights import read_state_dict
+from src.models.diffusers_flux import is_diffusers_flux
 
 
 def load_run(run_dir: Path, tag: str | None = None, device: str = "cpu", ema: bool = True):
@@ -31,16 +30,44 @@ def load_run(run_dir: Path, tag: str | None = None, device: str = "cpu", ema: bo
         raise ValueError(f"{run_dir} is neither a Kiln run directory nor an export: it has no {config.name}")
     cfg = OmegaConf.load(config)
     model = instantiate(cfg.model)
-    if diffusers:
-        weights, tag = from_diffusers(read_state_dict(run_dir), list(model.state_dict())), f"diffusers:{run_dir.name}"
-    else:
-        weights, tag = load_model_weights(run_dir, tag, ema=ema)
+    weights, tag = load_model_weights(run_dir, tag, ema=ema, names=list(model.state_dict()))
     model.load_state_dict(weights, strict=True)
     return cfg, model.to(device).eval(), instantiate(cfg.vae).to(device), instantiate(cfg.text).to(device), tag
 
 
 def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "empty"
+
+
+@torch.no_grad()
+def sample_prompts(
+    velocity,
+    text,
+    vae,
+    prompts: list[str],
+    latent_shape: tuple[int, ...],
+    null_txt: torch.Tensor,
+    null_vec: torch.Tensor,
+    out_dir: Path | None,
+    device: torch.device | str,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 4.0,
+    fps: int = 8,
+) -> list[Path]:
+    """One video per prompt: prompt i from noise seeded `seed + i` of shape (C, T', H', W'), Euler + CFG through
+    `velocity(x, txt, vec, t)`, decoded and written to `out_dir/NN_<prompt>.mp4`. With `out_dir` None the sampling
+    still runs (a ZeRO-3 rank must take part in every forward) but nothing is decoded or written."""
+    paths = []
+    for i, prompt in enumerate(prompts):
+        noise = torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(seed + i)).to(device)
+        txt, vec = text([prompt])
+        z = euler_sample(velocity, noise, txt, vec, null_txt[0], null_vec[0], steps=steps, guidance=guidance)
+        if out_dir is not None:
+            video = vae.decode(z.float())[0].clamp(-1, 1)  # (3, T, H, W)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            paths.append(write_mp4(out_dir / f"{i:02d}_{slug(prompt)}.mp4", video.cpu(), fps))
+    return paths
 
 
 def generate(
@@ -65,17 +92,12 @@ def generate(
     default_h, default_w = buckets.nearest_shape(res, 1, 1)
     frames, height, width = frames or buckets.frames[res][0][0], height or default_h, width or default_w
     latent = vae.latent_shape(frames, height, width)  # (C, T', H', W')
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     null_txt, null_vec = text([""])
-    paths = []
-    for i, prompt in enumerate(prompts):
-        noise = torch.randn(1, *latent, generator=torch.Generator().manual_seed(seed + i)).to(device)
-        txt, vec = text([prompt])
-        z = euler_sample(model, noise, txt, vec, null_txt[0], null_vec[0], steps=steps, guidance=guidance)
-        video = vae.decode(z)[0].clamp(-1, 1)  # (3, T, H, W)
-        paths.append(write_mp4(out_dir / f"{i:02d}_{slug(prompt)}.mp4", video.cpu(), fps))
-        print(f"{tag}{' (EMA)' if ema else ''}: {prompt!r} -> {paths[-1]}")
+    paths = sample_prompts(
+        model, text, vae, prompts, latent, null_txt, null_vec, Path(out_dir), device, seed, steps, guidance, fps
+    )
+    for prompt, path in zip(prompts, paths, strict=True):
+        print(f"{tag}{' (EMA)' if ema else ''}: {prompt!r} -> {path}")
     return paths
 
 

@@ -146,15 +146,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         dp_rank=dist.dp_rank, dp_world=dist.dp_world, seed=cfg.seed, state=state["data"], skip_dir=run_dir / "skipped"
     )
     data = loader.dataset
-    if getattr(data, "cached", False):  # features from src.preprocess, provenance checked: no encoder is built
-        text = vae = None
+    cached = getattr(data, "cached", False)  # features from src.preprocess, provenance checked
+    text = vae = None
+    if not cached or cfg.eval.prompts:  # from the cache, the encoders are built only for fixed-prompt evaluation
+        text, vae = instantiate(cfg.text).to(device), instantiate(cfg.vae).to(device)
+    if cached:
         null_txt, null_vec = data.null_features()  # (1, L, D), (1, Dv): the cache's empty prompt, for CFG
         latent_shapes, (txt_dim, vec_dim) = data.latent_shapes, data.text_dims
-        if cfg.eval.prompts:  # fixed-prompt evaluation needs the encoders after all (same configs as the cache)
-            text, vae = instantiate(cfg.text).to(device), instantiate(cfg.vae).to(device)
     else:
-        text = instantiate(cfg.text).to(device)
-        vae = instantiate(cfg.vae).to(device)
         null_txt, null_vec = text([""])  # (1, L, D), (1, Dv): the unconditional prompt for CFG
         latent_shapes, txt_dim, vec_dim = bucket_latent_shapes(data.planner.buckets, vae), text.dim, text.pooled_dim
     null_txt, null_vec = null_txt.to(device), null_vec.to(device)

@@ -1,7 +1,6 @@
 """Declared stage transitions: stage 1 (HunyuanVideo latents, patch 2) -> stage 2 (DC-AE latents, patch 1)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,17 +14,11 @@ from src.checkpoint import Moments, load_model_weights
 from src.curriculum import apply_transition, plan_transition
 from src.metrics import read_metrics
 from src.models.mmdit import MMDiT
-from tests.conftest import ROOT, tiny_model_kwargs
+from tests.conftest import ROOT, clean_env, tiny_model_kwargs
 from tests.test_train import PARAM_ATOL, PARITY_EPS, run
 
 RULES = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/experiment/stage2_tiny.yaml").transition)
 REINIT = ["final_layer.linear.bias", "final_layer.linear.weight", "img_in.bias", "img_in.weight"]
-
-
-def clean_env() -> dict[str, str]:
-    """The environment without what an in-process test's process group left behind (RANK, MASTER_PORT...)."""
-    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in os.environ.items() if k not in dist_vars} | {"OMP_NUM_THREADS": "1"}
 
 
 def stage_models(cond_channels=None):

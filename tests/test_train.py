@@ -6,7 +6,6 @@
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 
 from src.checkpoint import Moments, load_model_weights
 from src.metrics import read_metrics
-from tests.conftest import ROOT
+from tests.conftest import ROOT, clean_env
 
 pytestmark = pytest.mark.dist
 
@@ -32,10 +31,7 @@ PARITY_EPS = "optim.optimizer.eps=1e-8"
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    # an in-process test may have joined a one-process group, which leaves RANK, MASTER_PORT... in os.environ
-    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = clean_env() | {"PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(
@@ -219,8 +215,7 @@ def test_config_json_round_trip(zero3_run):
 
 
 def _start(run_dir, *args: str) -> subprocess.Popen:
-    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"OMP_NUM_THREADS": "1"}
+    env = clean_env()
     cmd = [*args, "+experiment=smoke", f"hydra.run.dir={run_dir}", "steps=500", "ckpt_every=1000"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

@@ -64,6 +64,11 @@ def _directory(path: str | Path | None, what: str, hint: str) -> Path:
     return path
 
 
+def tokenize(tokenizer: Any, captions: list[str], max_length: int) -> Any:
+    """Token ids and attention mask, padded (or truncated) to exactly `max_length`: every caption the same length."""
+    return tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -353,10 +358,7 @@ class HFTextEncoder(FrozenTextEncoder):
         return self.encoder.config.hidden_size
 
     def token_mask(self, captions: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(
-            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return batch["attention_mask"].bool()
+        return tokenize(self.tokenizer, captions, self.max_length)["attention_mask"].bool()
 
     def canary_vectors(self, tokens, pooled, mask):
         """One feature set: the pooled vector (the mean of the non-padding tokens) with the token features."""
@@ -366,9 +368,7 @@ class HFTextEncoder(FrozenTextEncoder):
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """captions -> (tokens (B, max_length, D), pooled (B, D)), on the encoder's device, in fp32."""
         device = next(self.encoder.parameters()).device
-        batch = self.tokenizer(
-            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(device)
+        batch = tokenize(self.tokenizer, captions, self.max_length).to(device)
         hidden = self.encoder(**batch).last_hidden_state.float()  # (B, L, D)
         mask = batch["attention_mask"][..., None].float()  # (B, L, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, D)
@@ -512,13 +512,8 @@ class T5CLIPTextEncoder(FrozenTextEncoder):
     def pooled_dim(self) -> int:
         return self.clip.config.hidden_size
 
-    def _tokenize(self, tokenizer: Any, captions: list[str], max_length: int) -> Any:
-        return tokenizer(
-            list(captions), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-        )
-
     def token_mask(self, captions: list[str]) -> torch.Tensor:
-        return self._tokenize(self.t5_tokenizer, captions, self.max_length)["attention_mask"].bool()
+        return tokenize(self.t5_tokenizer, captions, self.max_length)["attention_mask"].bool()
 
     def canary_vectors(self, tokens, pooled, mask):
         """Two feature sets checked separately: T5 (mean of its non-padding token features) and CLIP's pooled vector."""
@@ -529,8 +524,8 @@ class T5CLIPTextEncoder(FrozenTextEncoder):
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """captions -> (T5 tokens (B, max_length, d_model), CLIP pooled (B, hidden)), on the models' device, fp32."""
-        t5_batch = self._tokenize(self.t5_tokenizer, captions, self.max_length)
-        clip_batch = self._tokenize(self.clip_tokenizer, captions, self.clip_max_length)
+        t5_batch = tokenize(self.t5_tokenizer, captions, self.max_length)
+        clip_batch = tokenize(self.clip_tokenizer, captions, self.clip_max_length)
         masked = self.mask_convention == "mask_padding"
         device = next(self.t5.parameters()).device
         t5_mask = t5_batch["attention_mask"].to(device)

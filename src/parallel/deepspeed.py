@@ -132,27 +132,23 @@ class DeepSpeedEngine:
     def param_groups(self) -> list[dict]:
         return self._inner.param_groups
 
-    def _flats(self, group: int) -> list[torch.Tensor]:
-        """This rank's fp32 flat shards of param group `group`: the tensors the client optimizer keeps state for."""
-        zero = self.optimizer
-        if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3: a group may span several sub-groups
-            subs = enumerate(zero.fp32_partitioned_groups_flat)
-            return [flat for s, flat in subs if zero.sub_group_to_group_id[s] == group]
-        return [zero.single_partition_of_fp32_groups[group]]  # ZeRO-1/2: one flat per group
-
-    def _all_flats(self) -> list[torch.Tensor]:
-        """This rank's fp32 master shards, every group (ZeRO-3: in sub-group order, as checkpoints store them)."""
+    def _all_flats(self) -> list[tuple[int, torch.Tensor]]:
+        """This rank's fp32 master shards with their param group, in the order checkpoints store them: the tensors
+        the client optimizer keeps state for (ZeRO-3: a group may span several sub-groups)."""
         zero = self.optimizer
         if hasattr(zero, "fp32_partitioned_groups_flat"):
-            return list(zero.fp32_partitioned_groups_flat)
-        return list(zero.single_partition_of_fp32_groups)
+            return [(zero.sub_group_to_group_id[s], f) for s, f in enumerate(zero.fp32_partitioned_groups_flat)]
+        return list(enumerate(zero.single_partition_of_fp32_groups))  # ZeRO-1/2: one flat per group
+
+    def _flats(self, group: int) -> list[torch.Tensor]:
+        return [flat for g, flat in self._all_flats() if g == group]
 
     def init_ema(self) -> None:
         """Start the EMA at the current fp32 master weights; each rank averages only its own shard."""
-        self.ema = [flat.detach().float().clone() for flat in self._all_flats()]
+        self.ema = [flat.detach().float().clone() for _, flat in self._all_flats()]
 
     def update_ema(self, decay: float) -> None:
-        update_ema(self.ema, self._all_flats(), decay)
+        update_ema(self.ema, [flat for _, flat in self._all_flats()], decay)
 
     def _ema_file(self, ckpt_dir: Path, tag: str) -> Path:
         return Path(ckpt_dir) / tag / f"ema_rank_{self._deepspeed.comm.get_rank():05d}.pt"
