@@ -27,13 +27,13 @@ from src.curriculum import apply_transition, carry_moments
 from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
 from src.diffusion.flow import drop_text
-from src.evaluate import eval_due, evaluate
 from src.flops import peak_flops, step_flops
 from src.metrics import StepWindow, truncate_after
 from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
 from src.parallel.engine import ema_decay, latest_tag
 from src.param_groups import ParamPlan, enter_phase
 from src.preemption import StopRequest, clear_stale_stop
+from src.sample import sample_prompts
 
 log = logging.getLogger("kiln.train")
 FAILURES = tuple(dict.fromkeys(DECODE_FAILURES + READ_FAILURES))  # per-rank counters, summed over ranks when logged
@@ -80,6 +80,16 @@ def encoded(batch: dict, text, vae, device: torch.device) -> tuple[torch.Tensor,
         return tuple(batch[k].to(device, non_blocking=True) for k in ("latent", "txt", "vec"))
     x0 = vae.encode(batch["video"].to(device, non_blocking=True))  # (B, 3, T, H, W) in [-1, 1] -> latent
     return (x0, *text(batch["caption"]))
+
+
+def eval_due(step: int, every: int, last_step: int, prompts) -> bool:
+    """Fixed-prompt evaluation at `step`: every `every` steps (0: never) and at the last step, if there are prompts.
+
+    The same prompts, seeds and latent shape every time, so that successive steps (and stages) compare side by side;
+    every rank samples through the engine (under ZeRO-3 each forward gathers the sharded weights) and rank 0 writes
+    RUN_DIR/eval/step_N/*.mp4. The raw training weights are sampled (the EMA is for `src.sample` and export).
+    """
+    return bool(prompts) and ((every > 0 and step % every == 0) or step == last_step)
 
 
 def check_knobs(cfg: DictConfig) -> None:
@@ -225,7 +235,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             }
             engine.save(ckpt_dir, step_tag(step), loop_state)
         if eval_due(step, cfg.eval.every, cfg.steps, cfg.eval.prompts):
-            videos = evaluate(
+            videos = sample_prompts(
                 engine,
                 text,
                 vae,
@@ -233,8 +243,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
                 next(iter(latent_shapes.values())),  # the first configured bucket's latent
                 null_txt,
                 null_vec,
-                run_dir / "eval" if dist.is_main else None,
-                step,
+                run_dir / "eval" / step_tag(step) if dist.is_main else None,  # the other ranks sample, write nothing
                 device,
                 seed=cfg.eval.seed,
                 steps=cfg.eval.steps,

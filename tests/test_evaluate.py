@@ -3,7 +3,7 @@
 import av
 import pytest
 
-from src.evaluate import eval_due
+from src.train import eval_due
 from tests.test_train import train
 
 
