@@ -31,6 +31,7 @@ from src.flops import peak_flops, step_flops
 from src.metrics import StepWindow, truncate_after
 from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
 from src.parallel.engine import ema_decay, latest_tag
+from src.parallel.sp_guard import check_sequence_batches
 from src.param_groups import ParamPlan, enter_phase
 from src.preemption import StopRequest, clear_stale_stop
 from src.sample import sample_prompts
@@ -94,7 +95,7 @@ def eval_due(step: int, every: int, last_step: int, prompts) -> bool:
 
 def check_knobs(cfg: DictConfig) -> None:
     """Refuse top-level settings the loop cannot honour, naming the value."""
-    for key in ("log_every", "ckpt_every"):
+    for key in ("log_every", "ckpt_every", "sp_guard_every"):
         if cfg[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg.steps < 0:
@@ -108,7 +109,7 @@ def check_knobs(cfg: DictConfig) -> None:
 def train(cfg: DictConfig, run_dir: str | Path) -> None:
     """Train `cfg.steps` optimizer steps, resuming from RUN_DIR/checkpoints when it holds a checkpoint."""
     check_knobs(cfg)
-    dist = init_distributed(cfg.dist_backend)
+    dist = init_distributed(cfg.dist_backend, sp_size=cfg.parallel.get("sp_size", 1))
     run_dir = Path(run_dir).resolve()
     if dist.is_main:
         clear_stale_stop(run_dir)
@@ -152,8 +153,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (%d samples seen)", ckpt_dir, step, samples_seen)
 
+    # every rank of a sequence-parallel group reads the same batch; one of them records the skipped samples
     loader = instantiate(cfg.data)(
-        dp_rank=dist.dp_rank, dp_world=dist.dp_world, seed=cfg.seed, state=state["data"], skip_dir=run_dir / "skipped"
+        dp_rank=dist.dp_rank,
+        dp_world=dist.dp_world,
+        seed=cfg.seed,
+        state=state["data"],
+        skip_dir=run_dir / "skipped" if dist.sp_rank == 0 else None,
     )
     data = loader.dataset
     cached = getattr(data, "cached", False)  # features from src.preprocess, provenance checked
@@ -176,13 +182,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     )
     if dist.is_main:
         truncate_after(run_dir, step)
-        log.info("model: %.2fM parameters on %d ranks", n_params / 1e6, dist.world_size)
+        log.info(
+            "model: %.2fM parameters on %d ranks (%d data-parallel x %d sequence-parallel)",
+            n_params / 1e6,
+            dist.world_size,
+            dist.dp_world,
+            dist.sp_size,
+        )
 
     stop = StopRequest(run_dir, device)
     progress = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     window = StepWindow(device, dist.world_size, peak_flops(device, cfg.parallel.get("precision", "fp32")))
     batches = iter(loader)
-    phase = None
+    phase, first_step = None, step
     while step < cfg.steps:
         if plan.phase(step) != phase:  # freeze schedule: at start, and where a phase begins
             phase = enter_phase(plan, engine, step, default_weight_decay, run_dir if dist.is_main else None)
@@ -193,6 +205,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         valid = batch["valid"].to(device, non_blocking=True)  # (B,) False where a clip failed to decode
         x0, txt, vec = encoded(batch, text, vae, device)  # (B, C, T', H', W'), (B, L, D), (B, Dv)
         x_t, t, target, drop = flow.training_inputs(x0, batch["index"], cfg.seed)
+        if step == first_step or step % cfg.sp_guard_every == 0:
+            check_sequence_batches(batch, t, cfg.seed, dist, step)  # no-op without sequence parallelism
         txt, vec = drop_text(txt, vec, null_txt[0], null_vec[0], drop)
 
         pred = engine(x_t, txt, vec, t)  # (B, C, T', H', W') velocity
@@ -206,7 +220,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         global_samples = len(batch["index"]) * dist.dp_world
         samples_seen += global_samples
         skipped.update(batch["plan_skipped"])
-        failed.update(batch["failed"])
+        if dist.sp_rank == 0:  # the group's ranks decode the same clips: count their failures once
+            failed.update(batch["failed"])
         video_tokens, text_tokens = math.prod(model.token_grid(x0.shape)), txt.shape[1]
         flops = step_flops(model, video_tokens, text_tokens, global_samples)
         window.add(loss, data_wait, global_samples, global_samples * (video_tokens + text_tokens), flops)

@@ -29,7 +29,7 @@ def counted_flops(model: MMDiT, B: int, T: int, H: int, W: int, L: int, cond: bo
 
 @pytest.mark.parametrize("cond", [None, 49])
 def test_formula_matches_the_flop_counter(monkeypatch, cond):
-    monkeypatch.setattr("src.models.layers.attention", math_attention)
+    monkeypatch.setattr("src.models.attention.attention", math_attention)
     model = MMDiT(**tiny_model_kwargs(cond_channels=cond))
     B, shapes = 2, [(2, 8, 8, 5), (3, 4, 6, 16), (1, 8, 4, 32)]
     gaps = []

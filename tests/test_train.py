@@ -1,6 +1,7 @@
 """End to end through the real entry point: torchrun + Hydra + DeepSpeed ZeRO-3 over gloo on CPU.
 
-- a 2-rank ZeRO-3 run equals a single-process plain-PyTorch run on the same global batch;
+- a 2-rank ZeRO-3 run equals a single-process plain-PyTorch run on the same global batch, and so do runs with
+  sequence parallelism (sp_size 2 on 2 ranks; sp_size 2 x 2 data-parallel groups on 4 ranks);
 - resume is exact: 4 steps straight == 2 steps, stop, 2 more steps in the same run directory;
 - the sampler turns the final checkpoint into a decodable mp4.
 """
@@ -126,6 +127,53 @@ def test_adam_moments_read_from_zero3_shards_match_one_process(zero3_run, single
         scale = m1.abs().max().clamp(min=1e-12)
         assert torch.allclose(m, m1, atol=1e-4 * scale, rtol=1e-3), name
         assert torch.allclose(v, v1, atol=1e-4 * v1.abs().max().clamp(min=1e-20), rtol=1e-3), name
+
+
+@pytest.fixture(scope="module")
+def sp_run(tmp_path_factory):
+    """The same 4 steps with both ranks in one sequence-parallel group (sp_size 2) on the global batch of 4, the
+    batch guard checking every step."""
+    run_dir = tmp_path_factory.mktemp("sp2")
+    return run_dir, train(run_dir, PARITY_EPS, "parallel.sp_size=2", "data.buckets.batch_scale=2", "sp_guard_every=1")
+
+
+def _same_training(rows, weights_dir, reference_rows, reference_dir) -> None:
+    for a, b in zip(rows, reference_rows, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)
+        assert a["samples_seen"] == b["samples_seen"]
+    weights, _ = load_model_weights(weights_dir)
+    reference, _ = load_model_weights(reference_dir)
+    assert weights.keys() == reference.keys()
+    for name, value in weights.items():
+        assert torch.allclose(value, reference[name], atol=PARAM_ATOL, rtol=0), name
+
+
+def test_sequence_parallel_on_two_ranks_matches_one_process(sp_run, single_run):
+    run_dir, rows = sp_run
+    assert "(1 data-parallel x 2 sequence-parallel)" in (run_dir / "train.log").read_text()
+    _same_training(rows, run_dir, single_run[1], single_run[0])
+
+
+def test_sequence_and_data_parallel_on_four_ranks_match_one_process(single_run, tmp_path):
+    # 2 groups of 2: each data-parallel rank reads 2 of the 4 samples; ZeRO-3 shards over all 4 ranks
+    rows = train(tmp_path, PARITY_EPS, "parallel.sp_size=2", "sp_guard_every=1", nproc=4)
+    assert "(2 data-parallel x 2 sequence-parallel)" in (tmp_path / "train.log").read_text()
+    assert len(list((tmp_path / "checkpoints/step_00000004").glob("*optim_states.pt"))) == 4
+    _same_training(rows, tmp_path, single_run[1], single_run[0])
+
+
+def test_a_sequence_parallel_run_resumes_exactly(sp_run, tmp_path):
+    straight_dir, straight = sp_run
+    overrides = (PARITY_EPS, "parallel.sp_size=2", "data.buckets.batch_scale=2", "sp_guard_every=1")
+    train(tmp_path, "steps=2", *overrides)
+    resumed = train(tmp_path, "steps=4", *overrides)  # the guard checks the resumed step's batch first
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["loss"] == b["loss"] and a["samples_seen"] == b["samples_seen"], (a, b)
+    w_straight, _ = load_model_weights(straight_dir)
+    w_resumed, _ = load_model_weights(tmp_path)
+    assert all(torch.equal(w_straight[k], w_resumed[k]) for k in w_straight)
 
 
 def test_resume_is_exact(zero3_run, tmp_path):

@@ -63,10 +63,15 @@ def drop_text(
     return txt, vec
 
 
+def noise_seed(seed: int, index: int) -> int:
+    """The seed of one training sample's noise, timestep and text dropout: a function of (run seed, global index)."""
+    return (seed * 1_000_003 + index) % (2**63)
+
+
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """A CPU generator for one training sample: noise and timesteps depend only on (seed, global index),
     so any split of the global batch over ranks, and any resume, draws exactly the same numbers."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+    return torch.Generator().manual_seed(noise_seed(seed, index))
 
 
 def training_inputs(

@@ -1,8 +1,9 @@
 """The one attention op of the model.
 
-Every block calls `attention()`; nothing else in `src/models/` computes attention. This is the seam where
-kernels are chosen (PyTorch SDPA or flash-attn) and where sequence parallelism will hook in: a parallel layer
-may wrap `attention()` with all-to-alls without the block code knowing.
+Every block calls an `Attention` module, which calls `attention()`; nothing else in `src/models/` computes
+attention. This is the seam where kernels are chosen (PyTorch SDPA or flash-attn) and where sequence parallelism
+hooks in: `src.parallel.ulysses` registers hooks on the `Attention` modules that turn sequence-sharded q, k, v
+into head-sharded ones (all-to-all) and back, without the block code knowing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 BACKENDS = ("auto", "sdpa", "flash")
 
@@ -46,3 +48,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         return flash_attn_func(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, D)
     return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """`attention()` as a module (no parameters, so state dicts are unchanged): the place a parallel layer hooks."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: (B, L, H, D) -> (B, L, H, D)."""
+        return attention(q, k, v, self.backend)

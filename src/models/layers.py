@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from src.models.attention import attention
+from src.models.attention import Attention
 
 # ---------------------------------------------------------------------------------------------------------
 # Positional and timestep embeddings
@@ -148,9 +148,9 @@ def _mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden))
 
 
-def rotated_attention(q, k, v, angles: torch.Tensor, backend: str) -> torch.Tensor:
+def rotated_attention(q, k, v, angles: torch.Tensor, attend: Attention) -> torch.Tensor:
     """RoPE on q and k, attention, heads merged. q, k, v: (B, L, H, D) -> (B, L, H*D)."""
-    out = attention(apply_rope(q, angles), apply_rope(k, angles), v, backend)
+    out = attend(apply_rope(q, angles), apply_rope(k, angles), v)
     return rearrange(out, "b l h d -> b l (h d)")
 
 
@@ -165,7 +165,7 @@ class DoubleStreamBlock(nn.Module):
     def __init__(self, hidden: int, heads: int, mlp_ratio: float, qkv_bias: bool, attn_backend: str = "auto"):
         super().__init__()
         mlp_hidden = int(hidden * mlp_ratio)
-        self.attn_backend = attn_backend
+        self.attention = Attention(attn_backend)
         self.img_mod = Modulation(hidden, n_sets=2)
         self.img_attn = SelfAttention(hidden, heads, qkv_bias)
         self.img_mlp = _mlp(hidden, mlp_hidden)
@@ -180,7 +180,7 @@ class DoubleStreamBlock(nn.Module):
         iq, ik, iv = self.img_attn.qkv(modulate(img, i_shift1, i_scale1))  # (B, Li, H, D)
         tq, tk, tv = self.txt_attn.qkv(modulate(txt, t_shift1, t_scale1))  # (B, Lt, H, D)
         q, k, v = (torch.cat(pair, dim=1) for pair in ((tq, iq), (tk, ik), (tv, iv)))  # (B, Lt + Li, H, D)
-        out = rotated_attention(q, k, v, angles, self.attn_backend)  # (B, Lt + Li, C)
+        out = rotated_attention(q, k, v, angles, self.attention)  # (B, Lt + Li, C)
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
         img = img + i_gate1 * self.img_attn.proj(img_out)
         img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2))
@@ -197,7 +197,7 @@ class SingleStreamBlock(nn.Module):
         self.heads = heads
         self.hidden = hidden
         self.mlp_hidden = int(hidden * mlp_ratio)
-        self.attn_backend = attn_backend
+        self.attention = Attention(attn_backend)
         self.q_proj = nn.Linear(hidden, hidden, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, hidden, bias=qkv_bias)
         self.v_mlp = nn.Linear(hidden, hidden + self.mlp_hidden, bias=qkv_bias)  # value and MLP input, fused
@@ -212,7 +212,7 @@ class SingleStreamBlock(nn.Module):
         split = lambda y: rearrange(y, "b l (h d) -> b l h d", h=self.heads)
         q, k = self.norm(split(self.q_proj(x_mod)), split(self.k_proj(x_mod)))  # (B, L, H, D)
         v, mlp = self.v_mlp(x_mod).split([self.hidden, self.mlp_hidden], dim=-1)
-        attn = rotated_attention(q, k, split(v), angles, self.attn_backend)  # (B, L, C)
+        attn = rotated_attention(q, k, split(v), angles, self.attention)  # (B, L, C)
         out = self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
         return x + gate * out
 

@@ -124,8 +124,12 @@ class MMDiT(nn.Module):
         t: (B,) flow time in [0, 1]; cond: (B, cond_channels, T, H, W) I2V condition or None.
         Returns (B, C, T, H, W).
         """
-        B = x.shape[0]
+        B, text_len = x.shape[0], txt.shape[1]
         grid = self.token_grid(x.shape)
+        txt_ids = torch.zeros(B, text_len, 3, device=x.device, dtype=torch.long)  # text sits at position 0
+        ids = torch.cat([txt_ids, video_position_ids(B, *grid, device=x.device)], dim=1)  # (B, Lt + Li, 3)
+        angles = rope_angles(ids, self.axes_dim, self.theta)  # (B, Lt + Li, head_dim / 2)
+
         dtype = self.img_in.weight.dtype  # inputs follow the weights (bf16 under mixed precision); t stays fp32
         img = self.img_in(self.patchify(x.to(dtype)))  # (B, Li, hidden)
         if cond is not None:
@@ -135,10 +139,8 @@ class MMDiT(nn.Module):
         vec = self.time_in(timestep_embedding(t).to(dtype)) + self.vector_in(vec.to(dtype))  # (B, hidden)
         txt = self.txt_in(txt.to(dtype))  # (B, Lt, hidden)
 
-        txt_ids = torch.zeros(B, txt.shape[1], 3, device=x.device, dtype=torch.long)
-        ids = torch.cat([txt_ids, video_position_ids(B, *grid, device=x.device)], dim=1)  # (B, Lt + Li, 3)
-        angles = rope_angles(ids, self.axes_dim, self.theta)  # (B, Lt + Li, head_dim / 2)
-
+        # Sequence parallelism (src/parallel/ulysses.py) cuts img and txt above into this rank's chunks, and the
+        # angles of the whole sequence into theirs as each block is entered; the code below works on either.
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, angles)
         seq = torch.cat([txt, img], dim=1)  # (B, Lt + Li, hidden)

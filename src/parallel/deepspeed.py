@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from src.parallel.dist import sequence_group
 from src.parallel.engine import (
     apply_activation_checkpointing,
     check_ema,
@@ -19,6 +20,7 @@ from src.parallel.engine import (
     refuse_unreadable,
     update_ema,
 )
+from src.parallel.ulysses import SequenceParallel
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class DeepSpeedEngine:
         zero_stage: 1, 2 or 3. precision: "bf16" (fp32 master weights in the optimizer) or "fp32".
         grad_clip: global gradient-norm clip (0 disables).
         checkpoint_double / checkpoint_single: activation checkpointing of the first N / M blocks.
+        sp_size: ranks per sequence-parallel group (Ulysses, `src.parallel.ulysses`); ZeRO shards over all ranks.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class DeepSpeedEngine:
         checkpoint_double: int = 0,
         checkpoint_single: int = 0,
         param_groups: list[dict] | None = None,
+        sp_size: int = 1,
     ):
         check_precision(precision)
         if zero_stage not in (1, 2, 3):
@@ -63,6 +67,7 @@ class DeepSpeedEngine:
         deepspeed = _import_deepspeed()
         self._deepspeed = deepspeed
         apply_activation_checkpointing(model, checkpoint_double, checkpoint_single)
+        self.sequence_parallel = SequenceParallel(model, sequence_group(sp_size)) if sp_size > 1 else None
         config = {
             "train_micro_batch_size_per_gpu": 1,  # the loop batches; DeepSpeed only needs a consistent value
             "gradient_accumulation_steps": 1,

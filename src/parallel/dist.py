@@ -1,4 +1,9 @@
-"""Process-group setup: NCCL on GPUs, gloo on CPU, chosen automatically from what the machine has."""
+"""Process-group setup: NCCL on GPUs, gloo on CPU, chosen automatically from what the machine has.
+
+With sequence parallelism (`parallel.sp_size` = S) the world of N ranks is N / S data-parallel groups of S
+consecutive ranks (consecutive: on one node, where the all-to-alls are fast). Every rank of a sequence-parallel
+group reads the same batch; ZeRO-3 still shards and averages over all N ranks.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +17,27 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits. dp_* are data-parallel coordinates (equal to the global ones until sequence
-    parallelism splits the world into groups)."""
+    """Where this process sits: its global rank, and its data-parallel (dp_*) and sequence-parallel (sp_*)
+    coordinates. Rank r is sequence-parallel rank r % sp_size of data-parallel rank r // sp_size."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    sp_size: int = 1
+    sp_group: dist.ProcessGroup | None = None  # this rank's sequence-parallel group; None when sp_size == 1
 
     @property
     def dp_rank(self) -> int:
-        return self.rank
+        return self.rank // self.sp_size
 
     @property
     def dp_world(self) -> int:
-        return self.world_size
+        return self.world_size // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
 
     @property
     def is_main(self) -> bool:
@@ -39,11 +50,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str = "auto") -> DistInfo:
-    """Join (or create) the default process group from torchrun's environment.
+def check_sp_size(sp_size: int, world_size: int) -> None:
+    """A ValueError naming the valid sizes unless `sp_size` divides the world."""
+    if sp_size < 1 or world_size % sp_size:
+        valid = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"parallel.sp_size={sp_size} does not divide the world size {world_size}: "
+            f"the sequence-parallel groups must tile the ranks (valid sizes: {valid})"
+        )
+
+
+_SP_GROUPS: dict[int, dist.ProcessGroup | None] = {}
+
+
+def sequence_group(sp_size: int) -> dist.ProcessGroup | None:
+    """This rank's group of `sp_size` consecutive ranks (None for 1). Created on first call, which every rank
+    must make (creating a group is a collective over the world)."""
+    if sp_size == 1:
+        return None
+    if sp_size not in _SP_GROUPS:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        check_sp_size(sp_size, world)
+        for first in range(0, world, sp_size):
+            group = dist.new_group(list(range(first, first + sp_size)))
+            if first <= rank < first + sp_size:
+                _SP_GROUPS[sp_size] = group
+    return _SP_GROUPS[sp_size]
+
+
+def init_distributed(backend: str = "auto", sp_size: int = 1) -> DistInfo:
+    """Join (or create) the default process group from torchrun's environment, and the sequence-parallel groups.
 
     A plain `python -m ...` run becomes a one-process group, so every engine sees the same world.
-    backend: "auto" (nccl with CUDA, else gloo), "nccl" or "gloo".
+    backend: "auto" (nccl with CUDA, else gloo), "nccl" or "gloo". sp_size: ranks per sequence-parallel group.
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -52,6 +91,7 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    check_sp_size(sp_size, world)
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"process-group backend {backend!r} is not one of 'auto', 'nccl', 'gloo'")
     if backend == "nccl":
@@ -61,7 +101,8 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    group = sequence_group(sp_size)
+    return DistInfo(rank, world, local_rank, device, sp_size=sp_size, sp_group=group)
 
 
 def all_mean(value: torch.Tensor) -> torch.Tensor:
@@ -101,3 +142,4 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    _SP_GROUPS.clear()
