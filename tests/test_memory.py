@@ -23,3 +23,23 @@ def test_two_ranks_hold_half_the_model_state_of_one():
         for field in FIELDS:
             assert rank[field] == pytest.approx(full[field] / 2, rel=0.01), field
     assert "| 2 |" in table([one, two])
+
+
+def test_activation_count_is_per_token_and_splits_with_sequence_parallelism():
+    import torch
+
+    from src.models.mmdit import MMDiT
+    from src.parallel.activations import rank_activation_gb, saved_bytes
+
+    model = MMDiT(**tiny_model_kwargs()).to(torch.bfloat16)
+    counts = [saved_bytes(model, (2, 4, 4 * n), 6 * n)["blocks"] for n in (1, 2, 3)]  # 8n video + 6n text tokens
+    assert len(counts[0]) == 4 and min(counts[0]) > 0
+    # affine in the tokens: attention saves O(L) (as flash does); weights are model state and not counted, so the
+    # only constant is what a block saves per sample (its adaLN shift, scale and gate)
+    for one, two, three in zip(*counts, strict=True):
+        assert three - two == two - one and 0 <= 2 * one - two < 0.05 * one
+    full = rank_activation_gb(model, 4096, 512, sp=1, checkpointing=False)
+    assert rank_activation_gb(model, 4096, 512, sp=4, checkpointing=False) == pytest.approx(full / 4, rel=1e-3)
+    recomputed = rank_activation_gb(model, 4096, 512, sp=1, checkpointing=True)
+    assert 0 < recomputed < full
+    assert rank_activation_gb(model, 4096, 512, sp=2, checkpointing=True) == pytest.approx(recomputed / 2, rel=1e-3)

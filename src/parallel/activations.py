@@ -1,0 +1,126 @@
+"""Activation memory of one training step per rank, counted: `python -m src.parallel.activations --model mmdit_11b
+--latent 33 96 96 --text 512 --sp 1 2 4 8`.
+
+Runs the model's forward on the meta device (no memory, no compute) and adds up the bytes of every tensor autograd
+saves for backward, block by block. Attention is counted as the flash / cuDNN kernels keep it (q, k, v, the output
+and an fp32 log-sum-exp; never the L x L matrix). Under sequence parallelism a rank holds 1/S of the tokens in
+every block and all tokens of H/S heads in attention, the same bytes as 1/S of the sequence, so a rank's figure is
+the count at (text + video tokens) / S. With full activation checkpointing a rank keeps every block's input and,
+during backward, one block's recomputed activations.
+
+This is what decides `parallel.sp_size`: the smallest S whose activations, plus the ZeRO-3 model states
+(`python -m src.parallel.memory`) and the gathered weights of a block, fit the GPU (docs/parallel.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+import src.models.attention
+from src.models.mmdit import MMDiT
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """Shapes only: saves what a fused attention kernel saves (q, k, v, out, fp32 log-sum-exp per head and query)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:3], dtype=torch.float32)  # (B, L, H)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, *_ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def saved_bytes(model: MMDiT, latent: tuple[int, int, int], text: int, batch: int = 1) -> dict[str, float]:
+    """Bytes autograd saves in one forward of `model` (best on the meta device): per block and outside the blocks.
+
+    latent: (T', H', W') of the VAE latent; text: text tokens. Returns {"blocks": [bytes per block], "other": bytes}.
+    """
+    counted = {"now": 0}
+    per_block: list[int] = []
+    weights = {id(p) for p in model.parameters()}  # saved for backward too, but they are model state, not activations
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in weights and id(t._base) not in weights:
+            counted["now"] += t.numel() * t.element_size()
+        return t
+
+    def enter(module, args):
+        counted["start"] = counted["now"]
+
+    def leave(module, args, out):
+        per_block.append(counted["now"] - counted["start"])
+
+    blocks = [*model.double_blocks, *model.single_blocks]
+    hooks = [b.register_forward_pre_hook(enter) for b in blocks] + [b.register_forward_hook(leave) for b in blocks]
+    original = src.models.attention.attention
+    src.models.attention.attention = lambda q, k, v, backend="auto": _FlashLikeAttention.apply(q, k, v)
+    try:
+        dtype, device = model.img_in.weight.dtype, model.img_in.weight.device
+        with torch.device(device):
+            x = torch.empty(batch, model.in_channels, *latent, dtype=dtype)
+            txt = torch.empty(batch, text, model.txt_in.in_features, dtype=dtype)
+            vec = torch.empty(batch, model.vector_in.in_layer.in_features, dtype=dtype)
+            t = torch.empty(batch)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, txt, vec, t)
+    finally:
+        src.models.attention.attention = original
+        for hook in hooks:
+            hook.remove()
+    return {"blocks": per_block, "other": counted["now"] - sum(per_block)}
+
+
+def rank_activation_gb(model: MMDiT, tokens: int, text: int, sp: int, checkpointing: bool) -> float:
+    """GiB of saved activations on one rank of a sequence-parallel group of `sp` for a sequence of `tokens` video and
+    `text` text tokens (batch 1), without or with full activation checkpointing."""
+    video = math.ceil(tokens / sp)
+    pt, ph, pw = model.patch_size
+    counts = saved_bytes(model, (pt, ph, pw * video), math.ceil(text / sp))  # a 1 x 1 x video token grid
+    blocks, width = counts["blocks"], model.img_in.out_features * model.img_in.weight.element_size()
+    if checkpointing:  # each block's input (video and text) stays; one block is recomputed at a time
+        kept = len(blocks) * (video + math.ceil(text / sp)) * width + max(blocks)
+    else:
+        kept = sum(blocks)
+    return (kept + counts["other"]) / 2**30
+
+
+def _model(name: str) -> MMDiT:
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model" / f"{name}.yaml"))
+    cfg.pop("_target_")
+    with torch.device("meta"):
+        return MMDiT(**cfg).to(torch.bfloat16)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="mmdit_11b", help="a conf/model/ name")
+    parser.add_argument("--latent", type=int, nargs=3, default=[33, 96, 96], metavar=("T", "H", "W"))
+    parser.add_argument("--text", type=int, default=512, help="text tokens")
+    parser.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = parser.parse_args(argv)
+    model = _model(args.model)
+    tokens = math.prod(model.token_grid((0, 0, *args.latent)))
+    print(f"{args.model}: latent {tuple(args.latent)} = {tokens} video + {args.text} text tokens, batch 1, bf16")
+    print(f"{'sp_size':>8} {'tokens/rank':>12} {'no checkpointing GiB':>21} {'full checkpointing GiB':>23}")
+    for sp in args.sp:
+        plain = rank_activation_gb(model, tokens, args.text, sp, checkpointing=False)
+        recomputed = rank_activation_gb(model, tokens, args.text, sp, checkpointing=True)
+        per_rank = math.ceil(tokens / sp) + math.ceil(args.text / sp)
+        print(f"{sp:>8} {per_rank:>12} {plain:>21.1f} {recomputed:>23.1f}")
+
+
+if __name__ == "__main__":
+    main()
