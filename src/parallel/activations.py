@@ -90,10 +90,9 @@ def rank_activation_gb(model: MMDiT, tokens: int, text: int, sp: int, checkpoint
     pt, ph, pw = model.patch_size
     counts = saved_bytes(model, (pt, ph, pw * video), math.ceil(text / sp))  # a 1 x 1 x video token grid
     blocks, width = counts["blocks"], model.img_in.out_features * model.img_in.weight.element_size()
-    if checkpointing:  # each block's input (video and text) stays; one block is recomputed at a time
-        kept = len(blocks) * (video + math.ceil(text / sp)) * width + max(blocks)
-    else:
-        kept = sum(blocks)
+    # with checkpointing, each block's input (video and text) stays and one block is recomputed at a time
+    inputs = len(blocks) * (video + math.ceil(text / sp)) * width
+    kept = inputs + max(blocks) if checkpointing else sum(blocks)
     return (kept + counts["other"]) / 2**30
 
 
