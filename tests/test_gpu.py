@@ -15,9 +15,27 @@ pytestmark = [
 ]
 
 
-def test_auto_backend_uses_flash_attn_when_installed():
-    expected = "flash" if importlib.util.find_spec("flash_attn") else "sdpa"
+def test_auto_backend_uses_flash_attn_when_installed_else_cudnn_on_hopper():
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    expected = "flash" if importlib.util.find_spec("flash_attn") else ("cudnn" if hopper else "sdpa")
     assert resolve_backend("auto", torch.device("cuda")) == expected
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="cuDNN SDPA: Hopper+"
+)
+def test_cudnn_sdpa_matches_the_default_sdpa_in_bf16_forward_and_backward():
+    qkv = [torch.randn(2, 4096, 12, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    out = attention(*qkv, "cudnn")
+    out.sum().backward()
+    grads = [x.grad.clone() for x in qkv]
+    for x in qkv:
+        x.grad = None
+    ref = attention(*qkv, "sdpa")
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for g, x in zip(grads, qkv, strict=True):
+        torch.testing.assert_close(g, x.grad, atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")

@@ -137,6 +137,8 @@ def test_attention_backends():
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     with pytest.raises(ValueError, match="flash-attn"):
         resolve_backend("flash", torch.device("cpu"))
+    with pytest.raises(ValueError, match="'cudnn' needs a CUDA device of compute capability >= 9.0"):
+        resolve_backend("cudnn", torch.device("cpu"))
     with pytest.raises(ValueError, match="not one of"):
         resolve_backend("xformers", torch.device("cpu"))
     q, k, v = (torch.randn(2, 6, 3, 8) for _ in range(3))
