@@ -51,12 +51,20 @@ def step_flops(model, video_tokens: int, text_tokens: int, samples: int) -> floa
     return float(per_sample) * samples
 
 
-def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Peak bf16 FLOP/s of one device, or None when it is not in the table (or not bf16): no guessed MFU."""
-    if device.type != "cuda" or precision != "bf16":
+def peak_flops(device: torch.device, precision: str, declared_tflops: float | None = None) -> float | None:
+    """Peak bf16 FLOP/s of one device, or None when it is not in the table (or not bf16): no guessed MFU.
+
+    `declared_tflops` (the `peak_tflops` knob) is the user's statement of the peak of a device the table lacks; it
+    never overrides a device the table knows."""
+    if precision != "bf16":
         return None
+    if device.type != "cuda":
+        return declared_tflops * 1e12 if declared_tflops else None
     name = torch.cuda.get_device_name(device)
-    return next((peak for fragment, peak in PEAK_BF16 if fragment in name), None)
+    known = next((peak for fragment, peak in PEAK_BF16 if fragment in name), None)
+    if known and declared_tflops and abs(declared_tflops * 1e12 - known) > 1e9:
+        raise ValueError(f"peak_tflops={declared_tflops} but {name} is known to peak at {known / 1e12:g} TFLOP/s bf16")
+    return known or (declared_tflops * 1e12 if declared_tflops else None)
 
 
 def peak_memory_gb(device: torch.device) -> float:

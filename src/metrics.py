@@ -106,9 +106,9 @@ class StepWindow:
             "samples_seen": samples_seen,
             "tflops_per_device": self.flops / elapsed / self.world_size / 1e12,
             "peak_mem_gb": peak_memory_gb(self.device),
+            # null where the device's peak is unknown (not in src/flops.py's table, no `peak_tflops` given)
+            "mfu": self.flops / elapsed / self.world_size / self.peak_flops if self.peak_flops else None,
         }
-        if self.peak_flops:
-            row["mfu"] = self.flops / elapsed / self.world_size / self.peak_flops
         self.reset()
         return row
 

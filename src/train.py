@@ -34,6 +34,7 @@ from src.parallel.engine import ema_decay, latest_tag
 from src.parallel.sp_guard import check_sequence_batches
 from src.param_groups import ParamPlan, enter_phase
 from src.preemption import StopRequest, clear_stale_stop
+from src.profiler import StepProfiler
 from src.sample import sample_prompts
 
 log = logging.getLogger("kiln.train")
@@ -93,11 +94,28 @@ def eval_due(step: int, every: int, last_step: int, prompts) -> bool:
     return bool(prompts) and ((every > 0 and step % every == 0) or step == last_step)
 
 
+def progress_fields(row: dict) -> dict[str, str]:
+    """The progress bar's view of a metrics row: loss, LR, throughput, MFU (where known), data wait, memory."""
+    return {
+        "loss": f"{row['loss']:.4f}",
+        "lr": f"{row['lr']:.2e}",
+        "tok/s": f"{row['tokens_per_s']:.0f}",
+        "mfu": "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}",
+        "step": f"{row['step_time_s']:.3g}s",
+        "wait": f"{row['data_wait_frac']:.0%}",
+        "mem": f"{row['peak_mem_gb']:.1f}G",
+    }
+
+
 def check_knobs(cfg: DictConfig) -> None:
     """Refuse top-level settings the loop cannot honour, naming the value."""
-    for key in ("log_every", "ckpt_every", "sp_guard_every"):
+    for key in ("log_every", "sp_guard_every"):
         if cfg[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg.ckpt_every < 0:
+        raise ValueError(f"ckpt_every must be >= 1, or 0 for no checkpoint (benchmarks), got {cfg.ckpt_every}")
+    if cfg.ckpt_every == 0:
+        log.warning("ckpt_every=0: no checkpoint is written (only on a stop request); this run cannot be resumed")
     if cfg.steps < 0:
         raise ValueError(f"steps must be >= 0, got {cfg.steps}")
     if cfg.ema is not None:
@@ -190,12 +208,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             dist.sp_size,
         )
 
-    stop = StopRequest(run_dir, device)
+    stop = StopRequest(run_dir)
     progress = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
-    window = StepWindow(device, dist.world_size, peak_flops(device, cfg.parallel.get("precision", "fp32")))
+    window = StepWindow(
+        device, dist.world_size, peak_flops(device, cfg.parallel.get("precision", "fp32"), cfg.peak_tflops)
+    )
+    profiler = StepProfiler(run_dir, dist.rank, device, **cfg.profile)  # where the time goes, if asked
     batches = iter(loader)
     phase, first_step = None, step
     while step < cfg.steps:
+        profiler.at(step)
         if plan.phase(step) != phase:  # freeze schedule: at start, and where a phase begins
             phase = enter_phase(plan, engine, step, default_weight_decay, run_dir if dist.is_main else None)
         t0 = time.perf_counter()
@@ -232,14 +254,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             row["bucket"] = batch["bucket"]
             row["skipped"] = {**skipped, **all_sum_counts({r: failed[r] for r in FAILURES})}
             logger.log(row)
-            progress.set_postfix(
-                loss=f"{row['loss']:.4f}",
-                lr=f"{row['lr']:.2e}",
-                tok_s=f"{row['tokens_per_s']:.0f}",
-                **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}),
-            )
+            progress.set_postfix(progress_fields(row), refresh=False)
         stopping = stop.requested()  # SIGUSR1/SIGTERM or RUN_DIR/STOP: checkpoint now, exit, resume later
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
+        if stopping or (cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps)):
             loop_state = {
                 "step": step,
                 "samples_seen": samples_seen,
@@ -273,6 +290,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
                 cfg.steps,
             )
             break
+    profiler.at(step, final=True)
     stop.close(dist.is_main)
     progress.close()
     logger.close()

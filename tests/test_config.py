@@ -84,7 +84,7 @@ def test_mismatched_encoders_are_refused():
     ("override", "message"),
     [
         ("log_every=0", "log_every must be >= 1, got 0"),
-        ("ckpt_every=-5", "ckpt_every must be >= 1, got -5"),
+        ("ckpt_every=-5", r"ckpt_every must be >= 1, or 0 for no checkpoint \(benchmarks\), got -5"),
         ("steps=-1", "steps must be >= 0, got -1"),
     ],
 )

@@ -64,4 +64,6 @@ def test_token_weights_of_the_11b_model():
 
 def test_mfu_is_only_reported_for_known_devices():
     assert peak_flops(torch.device("cpu"), "bf16") is None
+    assert peak_flops(torch.device("cpu"), "bf16", declared_tflops=2.5) == 2.5e12  # `peak_tflops`: stated, not guessed
+    assert peak_flops(torch.device("cpu"), "fp32", declared_tflops=2.5) is None  # the peaks are bf16 peaks
     assert peak_memory_gb(torch.device("cpu")) > 0

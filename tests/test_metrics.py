@@ -51,4 +51,4 @@ def test_step_window_throughput_and_mfu():
     assert window.steps == 0 and window.start >= start  # the window restarts after a row
     unknown = StepWindow(torch.device("cpu"))  # no peak for the device: no MFU, never a guessed one
     unknown.add(torch.tensor(0.5), data_wait=0.0, samples=1, tokens=1, flops=1.0)
-    assert "mfu" not in unknown.row(1, 0.0, 0.0, 1)
+    assert unknown.row(1, 0.0, 0.0, 1)["mfu"] is None

@@ -221,7 +221,7 @@ def build_cached_loader(
     dp_rank: int,
     dp_world: int,
     num_workers: int = 0,
-    pin_memory: bool = False,
+    pin_memory: bool | str = "auto",
     preprocess: Mapping | None = None,
     **options: Any,
 ) -> DataLoader:

@@ -191,7 +191,7 @@ def build_loader(
     dp_rank: int,
     dp_world: int,
     num_workers: int = 0,
-    pin_memory: bool = False,
+    pin_memory: bool | str = "auto",
     **options: Any,
 ) -> DataLoader:
     """A DataLoader yielding this data-parallel rank's batches in plan order (see the module docstring).
@@ -205,7 +205,17 @@ def build_loader(
     return plan_order_loader(dataset, num_workers, pin_memory)
 
 
-def plan_order_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
+def resolve_pin_memory(pin_memory: bool | str) -> bool:
+    """`auto`: pinned host memory when CUDA is present, so that batches reach the GPU by asynchronous copies
+    (`non_blocking=True` in the loop) instead of a copy that waits for the GPU; never on a CPU-only machine."""
+    if pin_memory == "auto":
+        return torch.cuda.is_available()
+    if not isinstance(pin_memory, bool):
+        raise ValueError(f"data.pin_memory must be true, false or auto, got {pin_memory!r}")
+    return pin_memory
+
+
+def plan_order_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | str) -> DataLoader:
     """A DataLoader over a dataset that batches itself in plan order (worker w takes batches w, w + n, ...)."""
     context = None
     if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods():
@@ -214,7 +224,7 @@ def plan_order_loader(dataset: IterableDataset, num_workers: int, pin_memory: bo
         dataset,
         batch_size=None,  # the dataset batches itself: one bucket, one shape per batch
         num_workers=num_workers,
-        pin_memory=pin_memory,
+        pin_memory=resolve_pin_memory(pin_memory),
         persistent_workers=num_workers > 0,
         multiprocessing_context=context,
     )

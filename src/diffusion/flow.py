@@ -57,7 +57,7 @@ def drop_text(
     txt: (B, L, D), vec: (B, Dv), null_txt: (L, D), null_vec: (Dv,), drop: (B,) bool.
     Trains the unconditional branch used by classifier-free guidance.
     """
-    keep = ~drop.to(txt.device)
+    keep = ~to_device(drop, txt, torch.bool)
     txt = torch.where(keep[:, None, None], txt, null_txt.to(txt)[None])
     vec = torch.where(keep[:, None], vec, null_vec.to(vec)[None])
     return txt, vec
@@ -72,6 +72,14 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     """A CPU generator for one training sample: noise and timesteps depend only on (seed, global index),
     so any split of the global batch over ranks, and any resume, draws exactly the same numbers."""
     return torch.Generator().manual_seed(noise_seed(seed, index))
+
+
+def to_device(x: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on `like`'s device (in `dtype`, default `like`'s) without making the host wait for the GPU:
+    pinned, then copied asynchronously in stream order."""
+    if like.device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(like.device, dtype or like.dtype, non_blocking=True)
 
 
 def training_inputs(
@@ -95,8 +103,8 @@ def training_inputs(
         noise.append(torch.randn(x0.shape[1:], generator=g))
         times.append(sample_logit_normal(1, g, logit_mean, logit_std))
         drop.append(torch.rand(1, generator=g) < drop_prob)
-    x1 = torch.stack(noise).to(x0)
-    t = torch.cat(times).to(x0.device)
+    x1 = to_device(torch.stack(noise), x0)
+    t = to_device(torch.cat(times), x0, torch.float32)
     if shift:
         t = shift_time(t, resolution_shift(*x0.shape[-3:]))
     return add_noise(x0, x1, t, sigma_min), t, velocity_target(x0, x1, sigma_min), torch.cat(drop)

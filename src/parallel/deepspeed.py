@@ -59,6 +59,7 @@ class DeepSpeedEngine:
         checkpoint_double: int = 0,
         checkpoint_single: int = 0,
         param_groups: list[dict] | None = None,
+        compile: bool = False,
         sp_size: int = 1,
     ):
         check_precision(precision)
@@ -88,6 +89,8 @@ class DeepSpeedEngine:
             config=config,
         )
         self.module = self.ds.module
+        if compile:
+            self.ds.compile()
         self._inner = self.optimizer.optimizer  # the client torch optimizer; its "params" are fp32 flat shards
         self.ema: list[torch.Tensor] | None = None  # this rank's fp32 EMA, shaped like its fp32 master shards
 

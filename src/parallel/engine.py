@@ -114,10 +114,14 @@ def check_ema(saved, fresh, where):
 
 
 def init_moments(optimizer: torch.optim.Optimizer, tensors: Iterable[torch.Tensor], step: int) -> None:
-    """Create AdamW state (step, zero moments) for `tensors`, so that carried-over moments can be written in."""
+    """Create AdamW state (step, zero moments) for `tensors`, so that carried-over moments can be written in.
+
+    The step counter sits where torch's AdamW keeps it: on the parameter's device for the fused (and capturable)
+    kernels, on the host otherwise."""
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     for t in tensors:
         optimizer.state[t] = {
-            "step": torch.tensor(float(step)),
+            "step": torch.tensor(float(step), device=t.device if on_device else "cpu"),
             "exp_avg": torch.zeros_like(t, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(t, memory_format=torch.preserve_format),
         }
@@ -140,6 +144,18 @@ def apply_activation_checkpointing(model: nn.Module, double: int = 0, single: in
             raise ValueError(f"asked to checkpoint {count} blocks but the model has {len(blocks)}")
         for block in list(blocks)[:count]:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def compile_blocks(model: nn.Module, enabled: bool) -> None:
+    """`torch.compile` every double- and single-stream block in place (names and state dicts unchanged).
+
+    Per block rather than the whole model: one graph serves all blocks of a kind, so compiling costs two graphs
+    whatever the depth, and the hooks that sharding and sequence parallelism put between blocks stay outside them.
+    What it fuses are the elementwise ops around the matmuls (adaLN modulation, norms, RoPE, GELU, gated residuals).
+    """
+    if enabled:
+        for block in [*model.double_blocks, *model.single_blocks]:
+            block.compile()
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:

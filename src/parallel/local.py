@@ -14,6 +14,7 @@ from src.parallel.engine import (
     apply_activation_checkpointing,
     check_ema,
     check_precision,
+    compile_blocks,
     init_moments,
     latest_tag,
     refuse_unreadable,
@@ -35,6 +36,7 @@ class LocalEngine:
         checkpoint_double: int = 0,
         checkpoint_single: int = 0,
         param_groups: list[dict] | None = None,
+        compile: bool = False,
     ):
         check_precision(precision)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -43,6 +45,7 @@ class LocalEngine:
                 "use parallel=zero3 for several ranks"
             )
         apply_activation_checkpointing(model, checkpoint_double, checkpoint_single)
+        compile_blocks(model, compile)
         self.module = model.to(device)
         self.device = device
         self.precision = precision

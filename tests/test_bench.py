@@ -1,0 +1,97 @@
+"""The speed benchmark on CPU (tiny shapes): Kiln's real loop on random features against diffusers' Flux model.
+(On a GPU the same command runs the target shapes: docs/BENCHMARKS.md.)"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from src.data.random_features import RandomFeatureDataset, build_random_loader
+from src.models.mmdit import MMDiT
+from tests.conftest import ROOT, clean_env, tiny_model_kwargs
+
+
+def test_random_features_split_by_data_parallel_rank_and_resume():
+    ranks = [RandomFeatureDataset((4, 2, 8, 8), (5, 16), 6, batch_size=3, dp_rank=r, dp_world=2) for r in (0, 1)]
+    first = [next(iter(d)) for d in ranks]
+    assert first[0]["latent"].shape == (3, 4, 2, 8, 8) and first[0]["txt"].shape == (3, 5, 16)
+    assert first[0]["vec"].shape == (3, 6) and first[0]["valid"].all()
+    assert first[0]["index"].tolist() == [0, 1, 2] and first[1]["index"].tolist() == [3, 4, 5]  # global indices
+    assert not torch.equal(first[0]["latent"], first[1]["latent"])  # different samples on different ranks
+    # the same seed draws the same pool; a resumed dataset continues from the batch after its state
+    stream = iter(RandomFeatureDataset((4, 2, 8, 8), (5, 16), 6, batch_size=3))
+    batches = [next(stream) for _ in range(3)]
+    resumed = next(iter(RandomFeatureDataset((4, 2, 8, 8), (5, 16), 6, batch_size=3, state=batches[1]["state"])))
+    assert resumed["index"].tolist() == batches[2]["index"].tolist() == [6, 7, 8]
+    assert torch.equal(resumed["latent"], batches[2]["latent"]) and torch.equal(resumed["txt"], batches[2]["txt"])
+    assert ranks[0].null_features()[0].shape == (1, 5, 16) and ranks[0].latent_shapes == {"random": (4, 2, 8, 8)}
+
+
+def test_random_features_refuse_impossible_shapes():
+    with pytest.raises(ValueError, match=r"data.latent is the latent grid \(T', H', W'\), got \[8, 8\]"):
+        build_random_loader([8, 8], 4, 5, 16, 6, 2, dp_rank=0, dp_world=1)
+    with pytest.raises(ValueError, match=r"data.latent_shape must be positive sizes, got \[4, 0, 8, 8\]"):
+        RandomFeatureDataset((4, 0, 8, 8), (5, 16), 6, batch_size=1)
+    with pytest.raises(ValueError, match="data.pin_memory must be true, false or auto, got 'yes'"):
+        build_random_loader([2, 8, 8], 4, 5, 16, 6, 2, dp_rank=0, dp_world=1, pin_memory="yes")
+
+
+def test_bench_runs_kiln_and_the_diffusers_baseline_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "src.bench", "--model", "mmdit_tiny", "--latent", "2", "8", "8"]
+    cmd += ["--text-tokens", "8", "--batch", "2", "--steps", "6", "--log-every", "2", "--profile", "2"]
+    cmd += ["--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    (kiln_name, kiln), (base_name, base) = report["results"].items()
+    # the default engine, really started; the baseline really diffusers' class, of exactly Kiln's size
+    assert kiln_name == "Kiln (DeepSpeedEngine, bf16, 1 rank)"
+    assert base_name.startswith("diffusers FluxTransformer2DModel")
+    assert base["parameters"] == MMDiT(**tiny_model_kwargs()).num_params()
+    assert report["tokens_per_sample"] == {"video": 2 * 4 * 4, "text": 8}
+    for r in (kiln, base):
+        assert r["windows"] == 2  # 3 windows of 2 steps, the first left out as warm-up
+        assert r["tokens_per_s_per_device"] > 0 and r["step_time_s"] > 0 and r["peak_mem_gb"] > 0
+        assert r["mfu"] is None  # a CPU has no peak in the table
+        # both count the same FLOPs per token: FLOP/s over tokens/s is the same number for both runs
+        assert r["tflops_per_device"] * 1e12 / r["tokens_per_s_per_device"] == pytest.approx(
+            kiln["tflops_per_device"] * 1e12 / kiln["tokens_per_s_per_device"], rel=0.05
+        )
+    ratio = kiln["tokens_per_s_per_device"] / base["tokens_per_s_per_device"]
+    assert report["ratio_kiln_over_baseline"] == pytest.approx(ratio)
+    assert f"Kiln / baseline tokens/s: {ratio:.2f}x" in proc.stdout
+    assert "| run | tokens/s/device | MFU |" in proc.stdout
+
+    # the profiled steps (3 and 4, inside the measured windows): where the time went, adding up to the step
+    profile = report["profile"]
+    assert profile["steps"] == 2 and profile["seconds_per_step"]["matmul"] > 0
+    assert profile["seconds_per_step"]["attention"] > 0 and profile["seconds_per_step"]["optimizer"] > 0
+    assert sum(profile["seconds_per_step"].values()) == pytest.approx(profile["step_time_s"], rel=1e-6)
+    assert "where a step's" in proc.stdout
+
+
+def test_profiler_categories():
+    from src.profiler import HOST, categorize
+
+    cases = {
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", False): "attention",
+        ("void flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", True): "attention",
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", True): "attention",
+        ("aten::mm", False): "matmul",
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", True): "matmul",
+        ("ncclDevKernel_AllGather_RING_LL", True): "communication",
+        ("gloo:all_reduce", False): "communication",
+        ("aten::_fused_adamw_", False): "optimizer",
+        ("Memcpy HtoD (Pinned -> Device)", True): "memory copies",
+        ("aten::gelu", False): "other ops (elementwise, norms, reductions)",
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", True): (
+            "other ops (elementwise, norms, reductions)"
+        ),
+        ("ProfilerStep#3", False): HOST,
+        ("autograd::engine::evaluate_function: MulBackward0", False): HOST,
+    }
+    for (name, kernel), category in cases.items():
+        assert categorize(name, kernel) == category, name
