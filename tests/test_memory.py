@@ -43,3 +43,23 @@ def test_activation_count_is_per_token_and_splits_with_sequence_parallelism():
     recomputed = rank_activation_gb(model, 4096, 512, sp=1, checkpointing=True)
     assert 0 < recomputed < full
     assert rank_activation_gb(model, 4096, 512, sp=2, checkpointing=True) == pytest.approx(recomputed / 2, rel=1e-3)
+
+
+def test_the_smallest_selective_checkpointing_that_fits():
+    import torch
+
+    from src.models.mmdit import MMDiT
+    from src.parallel.activations import rank_activations, smallest_checkpointing
+
+    model = MMDiT(**tiny_model_kwargs(depth_double=3, depth_single=4)).to(torch.bfloat16)
+    counts = rank_activations(model, 4096, 512, sp=1)
+    plain, full = counts.gb(0, 0), counts.gb(-1, -1)
+    assert counts.gb(2, 1) < counts.gb(1, 1) < plain  # each checkpointed block keeps only its input
+    assert smallest_checkpointing(counts, plain) == (0, 0)
+    assert smallest_checkpointing(counts, 0.99 * full) is None  # nothing fits: said, not guessed
+    budget = (plain + full) / 2
+    double, single = smallest_checkpointing(counts, budget)
+    assert counts.gb(double, single) <= budget
+    # no choice of fewer checkpointed blocks fits
+    fewer = [(d, s) for d in range(4) for s in range(5) if d + s < double + single]
+    assert fewer and all(counts.gb(d, s) > budget for d, s in fewer)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,17 +84,49 @@ def saved_bytes(model: MMDiT, latent: tuple[int, int, int], text: int, batch: in
     return {"blocks": per_block, "other": counted["now"] - sum(per_block)}
 
 
-def rank_activation_gb(model: MMDiT, tokens: int, text: int, sp: int, checkpointing: bool) -> float:
-    """GiB of saved activations on one rank of a sequence-parallel group of `sp` for a sequence of `tokens` video and
-    `text` text tokens (batch 1), without or with full activation checkpointing."""
-    video = math.ceil(tokens / sp)
+@dataclass(frozen=True)
+class RankActivations:
+    """Saved bytes of one rank's forward: per block (double then single), one block's input, and the rest."""
+
+    blocks: list[int]
+    block_input: int
+    other: int
+    n_double: int
+
+    def gb(self, double: int = 0, single: int = 0) -> float:
+        """GiB kept with the first `double` double-stream and `single` single-stream blocks checkpointed (-1: all):
+        a checkpointed block keeps only its input, and backward recomputes one such block at a time."""
+        double = self.n_double if double < 0 else double
+        single = len(self.blocks) - self.n_double if single < 0 else single
+        recomputed = {*range(double), *range(self.n_double, self.n_double + single)}
+        kept = sum(b for i, b in enumerate(self.blocks) if i not in recomputed) + len(recomputed) * self.block_input
+        kept += max((self.blocks[i] for i in recomputed), default=0)
+        return (kept + self.other) / 2**30
+
+
+def rank_activations(model: MMDiT, tokens: int, text: int, sp: int) -> RankActivations:
+    """The count for one rank of a sequence-parallel group of `sp`, for `tokens` video and `text` text tokens
+    (batch 1)."""
+    video, txt = math.ceil(tokens / sp), math.ceil(text / sp)
     pt, ph, pw = model.patch_size
-    counts = saved_bytes(model, (pt, ph, pw * video), math.ceil(text / sp))  # a 1 x 1 x video token grid
-    blocks, width = counts["blocks"], model.img_in.out_features * model.img_in.weight.element_size()
-    # with checkpointing, each block's input (video and text) stays and one block is recomputed at a time
-    inputs = len(blocks) * (video + math.ceil(text / sp)) * width
-    kept = inputs + max(blocks) if checkpointing else sum(blocks)
-    return (kept + counts["other"]) / 2**30
+    counts = saved_bytes(model, (pt, ph, pw * video), txt)  # a 1 x 1 x video token grid
+    width = model.img_in.out_features * model.img_in.weight.element_size()
+    return RankActivations(counts["blocks"], (video + txt) * width, counts["other"], len(model.double_blocks))
+
+
+def rank_activation_gb(model: MMDiT, tokens: int, text: int, sp: int, checkpointing: bool) -> float:
+    """GiB of saved activations on one rank, without or with full activation checkpointing."""
+    return rank_activations(model, tokens, text, sp).gb(*((-1, -1) if checkpointing else (0, 0)))
+
+
+def smallest_checkpointing(counts: RankActivations, budget_gb: float) -> tuple[int, int] | None:
+    """The (checkpoint_double, checkpoint_single) that recomputes the fewest blocks while one rank's activations fit
+    in `budget_gb` (a double and a single block cost about the same to recompute: 12 x hidden^2 FLOPs per token);
+    among as few blocks, the one that keeps the least. None when even full checkpointing does not fit."""
+    n_single = len(counts.blocks) - counts.n_double
+    options = [(d, s) for d in range(counts.n_double + 1) for s in range(n_single + 1)]
+    fits = [(d + s, gb, (d, s)) for d, s in options if (gb := counts.gb(d, s)) <= budget_gb]
+    return min(fits)[2] if fits else None
 
 
 def _model(name: str) -> MMDiT:
@@ -109,16 +142,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent", type=int, nargs=3, default=[33, 96, 96], metavar=("T", "H", "W"))
     parser.add_argument("--text", type=int, default=512, help="text tokens")
     parser.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument(
+        "--budget-gb",
+        type=float,
+        default=None,
+        help="GiB a rank has for activations: print the smallest selective checkpointing that fits",
+    )
     args = parser.parse_args(argv)
     model = _model(args.model)
     tokens = math.prod(model.token_grid((0, 0, *args.latent)))
     print(f"{args.model}: latent {tuple(args.latent)} = {tokens} video + {args.text} text tokens, batch 1, bf16")
     print(f"{'sp_size':>8} {'tokens/rank':>12} {'no checkpointing GiB':>21} {'full checkpointing GiB':>23}")
     for sp in args.sp:
-        plain = rank_activation_gb(model, tokens, args.text, sp, checkpointing=False)
-        recomputed = rank_activation_gb(model, tokens, args.text, sp, checkpointing=True)
+        counts = rank_activations(model, tokens, args.text, sp)
+        plain, recomputed = counts.gb(0, 0), counts.gb(-1, -1)
         per_rank = math.ceil(tokens / sp) + math.ceil(args.text / sp)
-        print(f"{sp:>8} {per_rank:>12} {plain:>21.1f} {recomputed:>23.1f}")
+        line = f"{sp:>8} {per_rank:>12} {plain:>21.1f} {recomputed:>23.1f}"
+        if args.budget_gb is not None:
+            best = smallest_checkpointing(counts, args.budget_gb)
+            line += "   does not fit" if best is None else f"   checkpoint_double={best[0]} checkpoint_single={best[1]}"
+        print(line)
 
 
 if __name__ == "__main__":
