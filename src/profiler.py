@@ -60,6 +60,7 @@ CATEGORIES = (
 )
 HOST = "host (Python, hooks, autograd engine)"
 OUTSIDE = "outside any op (Python, data decoding)"
+TOP_OPS = 12  # the ops (kernels on a GPU) with the most time, kept in the report
 
 
 def categorize(name: str, kernel: bool) -> str:
@@ -76,10 +77,13 @@ def breakdown(events, steps: int, wall_s: float, device: torch.device) -> dict:
     """Seconds per step by category from `profile.key_averages()`, with their share of the step's wall time."""
     on_gpu = device.type == "cuda"
     seconds: dict[str, float] = defaultdict(float)
+    ops = []
     for e in events:
         own = (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e6  # microseconds -> seconds
         if own > 0:
-            seconds[categorize(e.key, kernel=on_gpu)] += own / steps
+            category = categorize(e.key, kernel=on_gpu)
+            seconds[category] += own / steps
+            ops.append({"name": e.key, "category": category, "seconds_per_step": own / steps, "calls": e.count})
     step_s = wall_s / steps
     # the rest of the step: on a GPU no kernel covers it (the GPU waits for the host); on a CPU no op does
     seconds["GPU idle" if on_gpu else OUTSIDE] = max(step_s - sum(seconds.values()), 0.0)
@@ -90,6 +94,7 @@ def breakdown(events, steps: int, wall_s: float, device: torch.device) -> dict:
         "step_time_s": step_s,
         "seconds_per_step": ordered,
         "fraction_of_step": {k: v / step_s for k, v in ordered.items()},
+        "top_ops": sorted(ops, key=lambda op: -op["seconds_per_step"])[:TOP_OPS],
     }
 
 
@@ -97,6 +102,12 @@ def table(report: dict) -> str:
     lines = [f"where a step's {report['step_time_s']:.4g} s go ({report['steps']} steps on {report['device']}):"]
     for category, s in report["seconds_per_step"].items():
         lines.append(f"  {category:<42} {s * 1e3:10.2f} ms  {report['fraction_of_step'][category]:6.1%}")
+    lines.append("the ops with the most time:")
+    for op in report["top_ops"]:
+        name = op["name"] if len(op["name"]) <= 60 else op["name"][:57] + "..."
+        lines.append(
+            f"  {name:<60} {op['seconds_per_step'] * 1e3:10.2f} ms  {op['calls'] / report['steps']:6.0f} calls"
+        )
     return "\n".join(lines)
 
 

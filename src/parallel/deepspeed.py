@@ -45,6 +45,8 @@ class DeepSpeedEngine:
         grad_clip: global gradient-norm clip (0 disables).
         checkpoint_double / checkpoint_single: activation checkpointing of the first N / M blocks.
         sp_size: ranks per sequence-parallel group (Ulysses, `src.parallel.ulysses`); ZeRO shards over all ranks.
+        compile: DeepSpeed's `engine.compile()` (torch.compile of the module; graph breaks at ZeRO-3's hooks).
+        zero_options: more `zero_optimization` keys for DeepSpeed (bucket sizes, persistence threshold, ...).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class DeepSpeedEngine:
         param_groups: list[dict] | None = None,
         compile: bool = False,
         sp_size: int = 1,
+        zero_options: dict | None = None,
     ):
         check_precision(precision)
         if zero_stage not in (1, 2, 3):
@@ -73,7 +76,11 @@ class DeepSpeedEngine:
             "train_micro_batch_size_per_gpu": 1,  # the loop batches; DeepSpeed only needs a consistent value
             "gradient_accumulation_steps": 1,
             "gradient_clipping": grad_clip,
-            "zero_optimization": {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": False},
+            "zero_optimization": {
+                "stage": zero_stage,
+                "stage3_gather_16bit_weights_on_model_save": False,
+                **(zero_options or {}),
+            },
             "bf16": {"enabled": precision == "bf16"},
             "zero_allow_untested_optimizer": True,
             "zero_force_ds_cpu_optimizer": False,
@@ -81,6 +88,14 @@ class DeepSpeedEngine:
             "wall_clock_breakdown": False,
         }
         self.precision = precision
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1:
+            log.warning(
+                "ZeRO stage %d on one rank shards nothing but still gathers, releases and partitions every layer "
+                "each step (half the speed of parallel=local on the CPU benchmark, docs/BENCHMARKS.md); on one "
+                "device, parallel=local parallel.precision=%s trains the same model without it",
+                zero_stage,
+                precision,
+            )
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model.to(device),
             model_parameters=param_groups or [p for p in model.parameters() if p.requires_grad],
