@@ -59,3 +59,46 @@ def test_bf16_model_on_cuda_matches_fp32():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(x, txt, vec, t)
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_a_training_step_never_makes_the_host_wait_for_the_gpu():
+    # what the loop does between two log lines: draw the step's noise and timesteps on the host, copy them and the
+    # batch over, forward, backward, clip, fused AdamW, schedule. Any synchronising call raises in "error" mode.
+    import functools
+
+    from src.diffusion.flow import drop_text, training_inputs
+    from src.parallel.engine import warmup_schedule
+    from src.parallel.local import LocalEngine
+
+    torch.manual_seed(0)
+    engine = LocalEngine(
+        MMDiT(**tiny_model_kwargs()),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-4, fused=True),
+        scheduler=functools.partial(warmup_schedule, warmup_steps=10),
+        device=torch.device("cuda"),
+        precision="bf16",
+    )
+    host = {
+        "latent": torch.randn(2, 48, 2, 8, 8).pin_memory(),
+        "txt": torch.randn(2, 5, 384).pin_memory(),
+        "vec": torch.randn(2, 384).pin_memory(),
+    }
+    null_txt, null_vec = torch.zeros(5, 384, device="cuda"), torch.zeros(384, device="cuda")
+
+    def step(first_index: int) -> torch.Tensor:
+        x0, txt, vec = (host[k].to("cuda", non_blocking=True) for k in ("latent", "txt", "vec"))
+        x_t, t, target, drop = training_inputs(x0, torch.tensor([first_index, first_index + 1]), seed=0, drop_prob=0.5)
+        txt, vec = drop_text(txt, vec, null_txt, null_vec, drop)
+        loss = (engine(x_t, txt, vec, t).float() - target).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    step(0)  # the first step creates the optimizer state and the kernels' caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(2 * i) for i in range(1, 4)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss) for loss in losses)  # read after the steps, as the loop does when it logs
