@@ -95,3 +95,28 @@ def test_profiler_categories():
     }
     for (name, kernel), category in cases.items():
         assert categorize(name, kernel) == category, name
+
+
+def test_a_run_on_random_features_without_checkpoints_profiles_its_steps(tmp_path, monkeypatch):
+    # in-process, the local engine: what the bench asks of src.train (ckpt_every=0, profile.steps) and a `null` MFU
+    from hydra import compose, initialize_config_dir
+
+    from src.metrics import read_metrics
+    from src.parallel.dist import shutdown
+    from src.train import train
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by the one-process group,
+        monkeypatch.delenv(var, raising=False)  # and taken away again after the test
+    overrides = ["data=random_features", "parallel=local", "steps=4", "log_every=2", "ckpt_every=0"]
+    overrides += ["profile.steps=2", "profile.start=1", "eval.prompts=[]"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    try:
+        train(cfg, tmp_path)
+    finally:
+        shutdown()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [2, 4] and all(r["mfu"] is None and r["tokens_per_s"] > 0 for r in rows)
+    assert not (tmp_path / "checkpoints").exists()  # ckpt_every=0: nothing written, not even at the end
+    report = json.loads((tmp_path / "profile/breakdown_rank0.json").read_text())
+    assert report["steps"] == 2 and report["top_ops"][0]["seconds_per_step"] > 0
