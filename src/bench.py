@@ -37,7 +37,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from src.metrics import read_metrics
+from src.metrics import StepWindow, read_metrics
 from src.profiler import table as profile_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,12 +110,12 @@ def _run(args: list[str], log_file: Path) -> None:
 
 
 def baseline(cfg: DictConfig, out: Path, checkpointing: bool) -> None:
-    """A plain bf16-autocast training loop of `FluxTransformer2DModel`; writes metrics-like rows to `out`."""
+    """A plain bf16-autocast training loop of `FluxTransformer2DModel`; writes `metrics.jsonl`-like rows to `out`."""
     from diffusers import FluxTransformer2DModel
     from hydra.utils import instantiate
 
     from src.diffusion.flow import drop_text
-    from src.flops import peak_flops, peak_memory_gb, step_flops
+    from src.flops import peak_flops, step_flops
     from src.models.diffusers_flux import diffusers_forward, flux_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,8 +134,9 @@ def baseline(cfg: DictConfig, out: Path, checkpointing: bool) -> None:
     flow = instantiate(cfg.diffusion)
     loader = instantiate(cfg.data)(dp_rank=0, dp_world=1, seed=cfg.seed, state=None, skip_dir=None)
     null_txt, null_vec = (x.to(device) for x in loader.dataset.null_features())
-    rows, window, batches = [], [], iter(loader)
-    start = time.perf_counter()
+    peak = peak_flops(device, "bf16" if bf16 else "fp32", cfg.peak_tflops)
+    window = StepWindow(device, world_size=1, peak_flops=peak)  # measured exactly as the Kiln loop measures
+    rows, batches = [], iter(loader)
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -144,41 +145,17 @@ def baseline(cfg: DictConfig, out: Path, checkpointing: bool) -> None:
         x_t, t, target, drop = flow.training_inputs(x0, batch["index"], cfg.seed)
         txt, vec = drop_text(txt, vec, null_txt[0], null_vec[0], drop)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred = diffusers_forward(flux, kiln, x_t, txt, vec, t)
+            pred = diffusers_forward(flux, kiln, x_t, txt, vec, t)  # (B, C, T', H', W')
         loss = (pred.float() - target.float()).pow(2).mean()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(flux.parameters(), cfg.parallel.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens = math.prod(kiln.token_grid(x0.shape)) + txt.shape[1]
-        window.append(
-            (
-                loss.detach(),
-                wait,
-                len(x0),
-                len(x0) * tokens,
-                step_flops(kiln, tokens - txt.shape[1], txt.shape[1], len(x0)),
-            )
-        )
+        video_tokens, text_tokens = math.prod(kiln.token_grid(x0.shape)), txt.shape[1]
+        flops = step_flops(kiln, video_tokens, text_tokens, len(x0))
+        window.add(loss, wait, len(x0), len(x0) * (video_tokens + text_tokens), flops)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            losses = torch.stack([w[0] for w in window]).float().mean().item()  # the one host sync per window
-            elapsed = time.perf_counter() - start
-            flops = sum(w[4] for w in window)
-            peak = peak_flops(device, "bf16" if bf16 else "fp32", cfg.peak_tflops)
-            row = {
-                "step": step,
-                "loss": losses,
-                "grad_norm": float(grad_norm),
-                "samples_per_s": sum(w[2] for w in window) / elapsed,
-                "tokens_per_s": sum(w[3] for w in window) / elapsed,
-                "step_time_s": elapsed / len(window),
-                "data_wait_frac": sum(w[1] for w in window) / elapsed,
-                "tflops_per_device": flops / elapsed / 1e12,
-                "peak_mem_gb": peak_memory_gb(device),
-            }
-            row["mfu"] = flops / elapsed / peak if peak else None
-            rows.append(row)
-            window, start = [], time.perf_counter()
+            rows.append(window.row(step, opt["lr"], grad_norm, step * len(x0)))
     n_params = sum(p.numel() for p in flux.parameters())
     out.write_text(json.dumps({"rows": rows, "parameters": n_params, "class": type(flux).__name__}))
 
