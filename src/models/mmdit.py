@@ -30,7 +30,7 @@ class MMDiT(nn.Module):
         hidden: model width; heads * head_dim, with head_dim == sum(axes_dim).
         txt_dim: width of the text encoder's token features; vec_dim: width of its pooled vector.
         cond_channels: latent + mask channels of the I2V condition (None: no `cond_in`).
-        attn_backend: "auto", "sdpa" or "flash" (see `src.models.attention`).
+        attn_backend: "auto", "sdpa", "cudnn" or "flash" (see `src.models.attention`).
     """
 
     def __init__(
