@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.metrics import StepWindow, read_metrics
@@ -112,7 +113,6 @@ def _run(args: list[str], log_file: Path) -> None:
 def baseline(cfg: DictConfig, out: Path, checkpointing: bool) -> None:
     """A plain bf16-autocast training loop of `FluxTransformer2DModel`; writes `metrics.jsonl`-like rows to `out`."""
     from diffusers import FluxTransformer2DModel
-    from hydra.utils import instantiate
 
     from src.diffusion.flow import drop_text
     from src.flops import peak_flops, step_flops
@@ -224,9 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
         baseline(cfg, args.baseline_worker, args.baseline_checkpointing)
         return {}
 
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    pt, ph, pw = model["patch_size"]
-    video_tokens = (args.latent[0] // pt) * (args.latent[1] // ph) * (args.latent[2] // pw)
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    video_tokens = math.prod(model.token_grid((0, 0, *args.latent)))  # refuses a grid the patch does not divide
     engine = cfg.parallel._target_.rsplit(".", 1)[-1]
     kiln_name = f"Kiln ({engine}, {cfg.parallel.precision}, {args.nproc} rank{'s' * (args.nproc > 1)})"
     results: dict[str, dict] = {}

@@ -150,8 +150,9 @@ def compile_blocks(model: nn.Module, enabled: bool) -> None:
     """`torch.compile` every double- and single-stream block in place (names and state dicts unchanged).
 
     Per block rather than the whole model: one graph serves all blocks of a kind, so compiling costs two graphs
-    whatever the depth, and the hooks that sharding and sequence parallelism put between blocks stay outside them.
-    What it fuses are the elementwise ops around the matmuls (adaLN modulation, norms, RoPE, GELU, gated residuals).
+    whatever the depth. What it fuses are the elementwise ops around the matmuls (adaLN modulation, norms, RoPE,
+    GELU, gated residuals). The local engine uses it; under ZeRO-3 DeepSpeed's parameter hooks sit on every layer
+    inside a block, so `DeepSpeedEngine` uses DeepSpeed's own `engine.compile()` instead.
     """
     if enabled:
         for block in [*model.double_blocks, *model.single_blocks]:
