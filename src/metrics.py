@@ -13,6 +13,21 @@ from src.flops import peak_memory_gb
 from src.parallel.dist import all_mean
 
 
+def flat_numbers(row: dict, prefix: str = "") -> dict[str, float]:
+    """A row's numbers as wandb panels: nested dicts and lists become `name/key` and `name/i`; text is left out
+    (alarms are in train.log and metrics.jsonl)."""
+    out: dict[str, float] = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flat_numbers(value, f"{name}/")
+        elif isinstance(value, list | tuple):
+            out |= flat_numbers({str(i): v for i, v in enumerate(value)}, f"{name}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
 class MetricsLogger:
     """Append one JSON object per logged step to RUN_DIR/metrics.jsonl, and mirror to wandb if asked.
 
@@ -49,7 +64,7 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+            self.run.log(flat_numbers({k: v for k, v in metrics.items() if k != "step"}), step=metrics["step"])
 
     def log_videos(self, step: int, paths: list[Path]) -> None:
         """Fixed-prompt evaluation videos: to wandb when it is on (they are in RUN_DIR/eval/ either way)."""
@@ -113,17 +128,57 @@ class StepWindow:
         return row
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All logged rows of a run, in order."""
+class LossBreakdown:
+    """The training loss since the last log row by timestep bin (`bins` equal bins over t in [0, 1]) and by bucket.
+
+    Sums stay on the device (no host sync per step); `fields()` reduces them over ranks when logging.
+    """
+
+    def __init__(self, device: torch.device, bins: int = 8):
+        self.device, self.bins = device, bins
+        self.reset()
+
+    def reset(self) -> None:
+        self.by_t = torch.zeros(2, self.bins, dtype=torch.float64, device=self.device)  # (sum, count) per bin
+        self.by_bucket: dict[str, torch.Tensor] = {}
+
+    def add(self, per_sample: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, bucket: str) -> None:
+        """per_sample: (B,) losses, t: (B,) times, valid: (B,) bool; one bucket per batch."""
+        w = valid.to(torch.float64)
+        loss = per_sample.detach().to(torch.float64) * w
+        index = (t.detach() * self.bins).long().clamp(0, self.bins - 1)
+        self.by_t[0].index_add_(0, index, loss)
+        self.by_t[1].index_add_(0, index, w)
+        sums = self.by_bucket.setdefault(bucket, torch.zeros(2, dtype=torch.float64, device=self.device))
+        sums += torch.stack([loss.sum(), w.sum()])
+
+    def fields(self) -> dict:
+        """`loss_by_t` (a list, null for an empty bin) and `loss_by_bucket` (name -> mean) over all ranks."""
+        by_t = all_mean(self.by_t).tolist()
+        buckets = sorted(self.by_bucket)
+        sums = all_mean(torch.stack([self.by_bucket[b] for b in buckets])).tolist() if buckets else []
+        self.reset()
+        return {
+            "loss_by_t": [s / c if c else None for s, c in zip(*by_t, strict=True)],
+            "loss_by_bucket": {b: s / c for b, (s, c) in zip(buckets, sums, strict=True) if c},
+        }
+
+
+def read_metrics(run_dir: str | Path, kind: str = "train") -> list[dict]:
+    """The logged rows of a run, in order: `train` rows (those with a training loss), `eval` rows (validation,
+    probes, fixed prompts and health: src/evaluation/) or `all`."""
+    if kind not in ("train", "eval", "all"):
+        raise ValueError(f"kind must be train, eval or all, got {kind!r}")
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows if kind == "all" else [r for r in rows if ("loss" in r) == (kind == "train")]
 
 
 def truncate_after(run_dir: str | Path, step: int) -> None:
     """Drop rows logged after `step`: a resumed run re-logs the steps after its checkpoint exactly once."""
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():
-        rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
+        rows = [r for r in read_metrics(run_dir, "all") if r["step"] <= step]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -150,6 +205,61 @@ def plot_loss(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def plot_learning(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """RUN_DIR/learning.png: training loss (and its timestep bins), validation loss by timestep bin, probe gaps
+    with their standard errors, and sample-health ratios, over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_rows, eval_rows = read_metrics(run_dir), read_metrics(run_dir, "eval")
+    if not train_rows:
+        raise ValueError(f"{run_dir} has no logged steps in metrics.jsonl")
+    out = Path(out) if out else Path(run_dir) / "learning.png"
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=110)
+    ax = axes[0, 0]
+    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], color="k", label="train loss")
+    ax.set_yscale("log")
+    ax.set_title("training loss")
+    val = [r for r in eval_rows if "val_loss_by_t" in r]
+    ax = axes[0, 1]
+    if val:
+        bins = len(val[0]["val_loss_by_t"])
+        for k in range(bins):
+            label, colour = f"t in [{k / bins:.2f}, {(k + 1) / bins:.2f})", plt.cm.viridis(k / max(bins - 1, 1))
+            ax.plot([r["step"] for r in val], [r["val_loss_by_t"][k] for r in val], ".-", color=colour, label=label)
+        ax.set_yscale("log")
+        ax.legend(fontsize=6, ncol=2)
+    ax.set_title("validation loss by timestep bin")
+    ax = axes[1, 0]
+    for name in ("time", "text", "empty"):
+        pts = [r for r in val if r.get(f"probe_{name}_gap") is not None]
+        if pts:
+            ax.errorbar([r["step"] for r in pts], [r[f"probe_{name}_gap"] for r in pts],
+                        yerr=[r[f"probe_{name}_se"] for r in pts], marker=".", capsize=2, label=name)  # fmt: skip
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_title("probe gaps (relative to the validation loss, +- 1 se)")
+    ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    health = [r for r in eval_rows if r.get("health")]
+    for name in health[0]["health"] if health else []:
+        ax.plot([r["step"] for r in health], [r["health"][name] for r in health], marker=".", label=name)
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_title("sample health: ratio to the data")
+    if health:
+        ax.legend(fontsize=7)
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(Path(run_dir).name)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def summary(run_dir: str | Path) -> str:
     """One line: first and last logged loss and the throughput of the last window."""
     rows = read_metrics(run_dir)
@@ -164,5 +274,5 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m src.metrics RUN_DIR   (writes RUN_DIR/loss.png and prints a summary)")
-    print(f"{plot_loss(sys.argv[1])}: {summary(sys.argv[1])}")
+        sys.exit("usage: python -m src.metrics RUN_DIR   (writes RUN_DIR/loss.png, learning.png; prints a summary)")
+    print(f"{plot_loss(sys.argv[1])}, {plot_learning(sys.argv[1])}: {summary(sys.argv[1])}")

@@ -54,20 +54,44 @@ def sample_prompts(
     steps: int = 30,
     guidance: float = 4.0,
     fps: int = 8,
-) -> list[Path]:
+    batch: int = 16,
+) -> tuple[list[Path], torch.Tensor | None]:
     """One video per prompt: prompt i from noise seeded `seed + i` of shape (C, T', H', W'), Euler + CFG through
-    `velocity(x, txt, vec, t)`, decoded and written to `out_dir/NN_<prompt>.mp4`. With `out_dir` None the sampling
-    still runs (a ZeRO-3 rank must take part in every forward) but nothing is decoded or written."""
-    paths = []
-    for i, prompt in enumerate(prompts):
-        noise = torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(seed + i)).to(device)
-        txt, vec = text([prompt])
+    `velocity(x, txt, vec, t)`, `batch` prompts at a time (the noise, hence the video, does not depend on it).
+    With `out_dir`: decoded, written to `out_dir/NN_<prompt>.mp4`; returns (paths, videos (N, 3, T, H, W) in
+    [-1, 1] on the CPU). With `out_dir` None the sampling still runs (a ZeRO-3 rank must take part in every
+    forward) but nothing is decoded or written: ([], None)."""
+    if batch < 1:
+        raise ValueError(f"sampling batch must be >= 1, got {batch}")
+    paths, videos = [], []
+    for first in range(0, len(prompts), batch):
+        chunk = prompts[first : first + batch]
+        noise = torch.stack(
+            [
+                torch.randn(*latent_shape, generator=torch.Generator().manual_seed(seed + first + i))
+                for i in range(len(chunk))
+            ]
+        ).to(device)  # (b, C, T', H', W')
+        txt, vec = text(chunk)
         z = euler_sample(velocity, noise, txt, vec, null_txt[0], null_vec[0], steps=steps, guidance=guidance)
-        if out_dir is not None:
-            video = vae.decode(z.float())[0].clamp(-1, 1)  # (3, T, H, W)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            paths.append(write_mp4(out_dir / f"{i:02d}_{slug(prompt)}.mp4", video.cpu(), fps))
-    return paths
+        if out_dir is None:
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, video in enumerate(vae.decode(z.float()).clamp(-1, 1).cpu()):  # (3, T, H, W)
+            videos.append(video)
+            n = first + i
+            paths.append(write_mp4(out_dir / f"{n:02d}_{slug(prompts[n])}.mp4", video, fps))
+    return paths, (torch.stack(videos) if videos else None)
+
+
+def pick_shape(cfg, vae, frames: int | None = None, height: int | None = None, width: int | None = None):
+    """The latent (C, T', H', W') to sample: frames/height/width default to the largest training bucket's
+    longest clip, closest to square."""
+    buckets = instantiate(cfg.data.buckets)
+    res = buckets.order[0]
+    default_h, default_w = buckets.nearest_shape(res, 1, 1)
+    frames, height, width = frames or buckets.frames[res][0][0], height or default_h, width or default_w
+    return vae.latent_shape(frames, height, width)
 
 
 def generate(
@@ -87,13 +111,9 @@ def generate(
 ) -> list[Path]:
     """Sample one video per prompt (frames/height/width default to the largest training bucket)."""
     cfg, model, vae, text, tag = load_run(Path(run_dir), tag, device, ema)
-    buckets = instantiate(cfg.data.buckets)
-    res = buckets.order[0]  # default: the largest resolution's longest clip, closest to square
-    default_h, default_w = buckets.nearest_shape(res, 1, 1)
-    frames, height, width = frames or buckets.frames[res][0][0], height or default_h, width or default_w
-    latent = vae.latent_shape(frames, height, width)  # (C, T', H', W')
+    latent = pick_shape(cfg, vae, frames, height, width)
     null_txt, null_vec = text([""])
-    paths = sample_prompts(
+    paths, _ = sample_prompts(
         model, text, vae, prompts, latent, null_txt, null_vec, Path(out_dir), device, seed, steps, guidance, fps
     )
     for prompt, path in zip(prompts, paths, strict=True):

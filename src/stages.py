@@ -17,6 +17,7 @@ Exit status: 0 when every stage is finished; 75 (EX_TEMPFAIL) when a stage stopp
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import signal
@@ -26,11 +27,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.evaluation import REPORT
 from src.parallel.engine import latest_tag
 
 log = logging.getLogger("kiln.stages")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 STOPPED = 75  # EX_TEMPFAIL: a stage checkpointed and exited early (signal or STOP file); run again to resume
+UNHEALTHY = 4  # --require-healthy: a stage ended with a learning alarm (or no report); the next one is not started
 
 
 def read_curriculum(path: str | Path) -> list[dict]:
@@ -106,8 +109,32 @@ def _run(cmd: list[str]) -> int:
             signal.signal(sig, handler)
 
 
-def run_curriculum(stages: list[dict], dry_run: bool = False) -> int:
-    """Run the planned stages in order; returns 0 when all are finished, STOPPED when one stopped cleanly."""
+def stage_report(run_dir: Path) -> dict | None:
+    """A finished stage's RUN_DIR/stage_report.json (written by src.train at its end), or None."""
+    path = run_dir / REPORT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def describe_report(name: str, report: dict | None) -> str:
+    """One paragraph for the log: validation loss, probe gaps, health ratios, alarms."""
+    if report is None:
+        return f"{name}: no {REPORT} (the stage ran without evaluation)"
+    lines = [f"{name}: report of step {report['step']} (evaluated at {report['evaluated_step']})"]
+    if report.get("val_loss") is not None:
+        lines.append(f"  validation loss {report['val_loss']:.4f}")
+    probes = report.get("probes") or {}
+    for probe in ("time", "text", "empty"):
+        if probes.get(f"{probe}_gap") is not None:
+            lines.append(f"  {probe} probe gap {probes[f'{probe}_gap']:+.4f} (se {probes[f'{probe}_se']:.4f})")
+    if report.get("health"):
+        lines.append("  health ratios " + ", ".join(f"{k} {v:.2f}" for k, v in report["health"].items()))
+    lines += [f"  ALARM: {a}" for a in report.get("alarms", [])] or ["  no alarm"]
+    return "\n".join(lines)
+
+
+def run_curriculum(stages: list[dict], dry_run: bool = False, require_healthy: bool = False) -> int:
+    """Run the planned stages in order; returns 0 when all are finished, STOPPED when one stopped cleanly,
+    UNHEALTHY when `require_healthy` and a stage that another follows ended with an alarm (or without a report)."""
     for i, stage in enumerate(stages):
         name = f"stage {i + 1}/{len(stages)} ({stage['experiment']}, {stage['run_dir']})"
         if dry_run:
@@ -119,6 +146,12 @@ def run_curriculum(stages: list[dict], dry_run: bool = False) -> int:
             log.info("%s: finished (step %d), skipped", name, stage["steps"])
             continue
         previous = stage["previous"]
+        if previous is not None and require_healthy:
+            report = stage_report(previous["run_dir"])
+            if report is None or not report.get("healthy"):
+                why = "it has no stage report" if report is None else "; ".join(report["alarms"]) or "no evaluation"
+                log.error("%s not started (--require-healthy): %s ended unhealthy: %s", name, previous["run_dir"], why)
+                return UNHEALTHY
         if previous is not None and done_step(previous["run_dir"]) < previous["steps"]:
             reached = done_step(previous["run_dir"])
             raise RuntimeError(
@@ -134,6 +167,7 @@ def run_curriculum(stages: list[dict], dry_run: bool = False) -> int:
             log.info("%s stopped at step %d of %d: run the same command again to resume", name, reached, stage["steps"])
             return STOPPED
         log.info("%s: finished", name)
+        log.info("%s", describe_report(name, stage_report(stage["run_dir"])))
     return 0
 
 
@@ -144,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="ranks per stage (torchrun --standalone when > 1)")
     parser.add_argument("--out-dir", default="outputs", help="run directories are OUT_DIR/<run_name>")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--require-healthy", action="store_true",
+                        help="start a stage only if the previous one's stage_report.json has no alarm")  # fmt: skip
     args = parser.parse_intermixed_args(argv)
     if args.nproc < 1:
         parser.error(f"--nproc must be >= 1, got {args.nproc}")
     logging.basicConfig(level=logging.INFO, format="[kiln.stages] %(message)s")
     stages = plan(read_curriculum(args.curriculum), Path(args.out_dir).resolve(), args.nproc, args.overrides)
-    return run_curriculum(stages, args.dry_run)
+    return run_curriculum(stages, args.dry_run, args.require_healthy)
 
 
 if __name__ == "__main__":

@@ -26,18 +26,18 @@ from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
 from src.curriculum import apply_transition, carry_moments
 from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
-from src.diffusion.flow import drop_text
+from src.evaluation import Evaluator, LearningAlarm, validation_set, write_stage_report
 from src.flops import peak_flops, step_flops
-from src.metrics import StepWindow, truncate_after
+from src.metrics import LossBreakdown, StepWindow, truncate_after
 from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
 from src.parallel.engine import ema_decay, latest_tag
 from src.parallel.sp_guard import check_sequence_batches
 from src.param_groups import ParamPlan, enter_phase
 from src.preemption import StopRequest, clear_stale_stop
 from src.profiler import StepProfiler
-from src.sample import sample_prompts
 
 log = logging.getLogger("kiln.train")
+ALARM_EXIT = 3  # exit status of a run stopped by a learning alarm
 FAILURES = tuple(dict.fromkeys(DECODE_FAILURES + READ_FAILURES))  # per-rank counters, summed over ranks when logged
 # DeepSpeed calls the collectives torch renamed; the warning would repeat on every step.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
@@ -84,14 +84,16 @@ def encoded(batch: dict, text, vae, device: torch.device) -> tuple[torch.Tensor,
     return (x0, *text(batch["caption"]))
 
 
-def eval_due(step: int, every: int, last_step: int, prompts) -> bool:
-    """Fixed-prompt evaluation at `step`: every `every` steps (0: never) and at the last step, if there are prompts.
-
-    The same prompts, seeds and latent shape every time, so that successive steps (and stages) compare side by side;
-    every rank samples through the engine (under ZeRO-3 each forward gathers the sharded weights) and rank 0 writes
-    RUN_DIR/eval/step_N/*.mp4. The raw training weights are sampled (the EMA is for `src.sample` and export).
-    """
-    return bool(prompts) and ((every > 0 and step % every == 0) or step == last_step)
+def loop_state(step: int, samples_seen: int, batch: dict, skipped: Counter, failed: Counter) -> dict:
+    """What a checkpoint of `step` records beside the weights: position, RNG, data plan, skip counters."""
+    return {
+        "step": step,
+        "samples_seen": samples_seen,
+        "rng": rng_state(),
+        "data": batch["state"],
+        "skipped": dict(skipped),
+        "failed": dict(failed),
+    }
 
 
 def progress_fields(row: dict) -> dict[str, str]:
@@ -178,6 +180,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         seed=cfg.seed,
         state=state["data"],
         skip_dir=run_dir / "skipped" if dist.sp_rank == 0 else None,
+        holdout=cfg.eval.val,
+        val_urls=cfg.eval.val_urls,
     )
     data = loader.dataset
     cached = getattr(data, "cached", False)  # features from src.preprocess, provenance checked
@@ -193,6 +197,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     null_txt, null_vec = null_txt.to(device), null_vec.to(device)
     check_compatible(model, next(iter(latent_shapes.values()))[0], txt_dim, vec_dim)
     check_patches(latent_shapes, model)
+    evaluator = Evaluator(
+        cfg.eval,
+        validation_set(data.validation(), text, vae, device),
+        (null_txt, null_vec),
+        text,
+        vae,
+        next(iter(latent_shapes.values())),  # fixed prompts: the first configured bucket's latent
+        run_dir,
+        dist.is_main,
+        cfg.steps,
+        flow.sigma_min,
+    )
     skipped = Counter(state["skipped"]) if step else Counter(s.reason for s in data.scan_skips)
     failed = Counter(state["failed"])  # this rank's decode failures
     logger = instantiate(cfg.logger)(
@@ -213,6 +229,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     window = StepWindow(
         device, dist.world_size, peak_flops(device, cfg.parallel.get("precision", "fp32"), cfg.peak_tflops)
     )
+    breakdown = LossBreakdown(device, cfg.eval.val_bins)  # training loss by timestep bin and bucket, per row
     profiler = StepProfiler(run_dir, dist.rank, device, **cfg.profile)  # where the time goes, if asked
     batches = iter(loader)
     phase, first_step = None, step
@@ -226,14 +243,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
 
         valid = batch["valid"].to(device, non_blocking=True)  # (B,) False where a clip failed to decode
         x0, txt, vec = encoded(batch, text, vae, device)  # (B, C, T', H', W'), (B, L, D), (B, Dv)
-        x_t, t, target, drop = flow.training_inputs(x0, batch["index"], cfg.seed)
+        losses = flow.training_losses(engine, x0, txt, vec, batch["index"], cfg.seed, null_txt[0], null_vec[0])
         if step == first_step or step % cfg.sp_guard_every == 0:
-            check_sequence_batches(batch, t, cfg.seed, dist, step)  # no-op without sequence parallelism
-        txt, vec = drop_text(txt, vec, null_txt[0], null_vec[0], drop)
-
-        pred = engine(x_t, txt, vec, t)  # (B, C, T', H', W') velocity
-        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
-        loss = (per_sample * valid).sum() / valid.sum().clamp(min=1)
+            check_sequence_batches(batch, losses["t"], cfg.seed, dist, step)  # no-op without sequence parallelism
+        loss = (losses["loss"] * valid).sum() / valid.sum().clamp(min=1)
         engine.backward(loss)
         grad_norm = engine.step()
         step += 1
@@ -247,41 +260,29 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         video_tokens, text_tokens = math.prod(model.token_grid(x0.shape)), txt.shape[1]
         flops = step_flops(model, video_tokens, text_tokens, global_samples)
         window.add(loss, data_wait, global_samples, global_samples * (video_tokens + text_tokens), flops)
+        breakdown.add(losses["loss"], losses["t"], valid, batch["bucket"])
         progress.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             row = window.row(step, engine.lr(), grad_norm, samples_seen)
             row["bucket"] = batch["bucket"]
+            row |= breakdown.fields()  # loss_by_t, loss_by_bucket
             row["skipped"] = {**skipped, **all_sum_counts({r: failed[r] for r in FAILURES})}
             logger.log(row)
             progress.set_postfix(progress_fields(row), refresh=False)
         stopping = stop.requested()  # SIGUSR1/SIGTERM or RUN_DIR/STOP: checkpoint now, exit, resume later
-        if stopping or (cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps)):
-            loop_state = {
-                "step": step,
-                "samples_seen": samples_seen,
-                "rng": rng_state(),
-                "data": batch["state"],
-                "skipped": dict(skipped),
-                "failed": dict(failed),
-            }
-            engine.save(ckpt_dir, step_tag(step), loop_state)
-        if eval_due(step, cfg.eval.every, cfg.steps, cfg.eval.prompts):
-            videos = sample_prompts(
-                engine,
-                text,
-                vae,
-                list(cfg.eval.prompts),
-                next(iter(latent_shapes.values())),  # the first configured bucket's latent
-                null_txt,
-                null_vec,
-                run_dir / "eval" / step_tag(step) if dist.is_main else None,  # the other ranks sample, write nothing
-                device,
-                seed=cfg.eval.seed,
-                steps=cfg.eval.steps,
-                guidance=cfg.eval.guidance,
-            )
-            logger.log_videos(step, videos)
+        checkpointing = stopping or (cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps))
+        if checkpointing:
+            engine.save(ckpt_dir, step_tag(step), loop_state(step, samples_seen, batch, skipped, failed))
+        evaluation = evaluator(engine, step)  # when due: validation loss, probes, fixed prompts, health
+        if evaluation is not None:
+            logger.log(evaluation)
+            logger.log_videos(step, [Path(p) for p in evaluation.get("eval_videos", [])])
+            if evaluator.stop_requested(evaluation):
+                if not checkpointing:
+                    engine.save(ckpt_dir, step_tag(step), loop_state(step, samples_seen, batch, skipped, failed))
+                write_stage_report(run_dir, dist.is_main, evaluator, step)
+                raise LearningAlarm(f"step {step}: " + "; ".join(evaluation["alarms"] or ["an alarm on another rank"]))
         if stopping and step < cfg.steps:
             log.info(
                 "stop requested (%s): checkpointed step %d of %d; the same command resumes",
@@ -291,6 +292,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             )
             break
     profiler.at(step, final=True)
+    write_stage_report(run_dir, dist.is_main, evaluator, step)
     stop.close(dist.is_main)
     progress.close()
     logger.close()
@@ -299,7 +301,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    train(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        train(cfg, HydraConfig.get().runtime.output_dir)
+    except LearningAlarm as alarm:  # eval.alarms=stop: the step is checkpointed; say why and exit non-zero
+        log.error("stopped by a learning alarm (eval.alarms=stop): %s", alarm)
+        sys.exit(ALARM_EXIT)
 
 
 def main() -> None:

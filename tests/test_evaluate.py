@@ -3,14 +3,7 @@
 import av
 import pytest
 
-from src.train import eval_due
 from tests.test_train import train
-
-
-def test_eval_is_due_every_n_steps_and_at_the_end():
-    assert [s for s in range(1, 8) if eval_due(s, 3, 7, ["a"])] == [3, 6, 7]
-    assert [s for s in range(1, 8) if eval_due(s, 0, 7, ["a"])] == [7]
-    assert not any(eval_due(s, 1, 7, []) for s in range(1, 8))  # no prompts: never
 
 
 @pytest.mark.dist

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from src.data.buckets import Bucket, BucketConfig
 from src.data.catalog import SampleInfo, ShardInfo, Skip, expand_urls, is_local, local_path, read_at
 from src.data.feature_shards import HEADER_KEY, index_tar, sidecar_path
+from src.data.holdout import split as holdout_split
 from src.data.plan import GlobalBatch, Planner
 from src.data.provenance import ProvenanceError, check_provenance, expected_provenance
 from src.data.shards import plan_order_loader, write_skips
@@ -76,6 +77,8 @@ class CachedFeatureDataset(IterableDataset):
         mix_shards: int = 4,
         state: Mapping | None = None,
         skip_dir: str | Path | None = None,
+        holdout: int = 0,
+        val_urls: str | Sequence[str] | None = None,
     ):
         super().__init__()
         self.expect, self.dp_rank, self.skip_dir = dict(expect), dp_rank, skip_dir
@@ -103,6 +106,7 @@ class CachedFeatureDataset(IterableDataset):
         self.cached_buckets = CachedBuckets(buckets)
         if dp_rank == 0:
             write_skips(skip_dir, "catalog", self.scan_skips)
+        shards, self.held = self._hold_out(shards, buckets, holdout, val_urls)
         self.planner = Planner(shards, self.cached_buckets, lambda *_: True, dp_world, seed, shuffle, mix_shards, state)
         self.latent_shapes = {
             bucket.name: tuple(s["latent_shape"])
@@ -117,6 +121,57 @@ class CachedFeatureDataset(IterableDataset):
                 f"{buckets.describe()}"
             )
         log.info("cached features: %d samples in %d shards", self.planner.size, len(shards))
+
+    def _hold_out(self, shards: list[ShardInfo], buckets: BucketConfig, n: int, val_urls) -> tuple[list, list]:
+        """(training shards, held-out (shard, sample) pairs) of the first configured bucket that holds samples."""
+        if not n:
+            return shards, []
+        source = shards
+        if val_urls:
+            source = []
+            for url in expand_urls(val_urls):
+                header = read_sidecar(url)
+                if header is None:
+                    raise ValueError(
+                        f"validation feature shard {url!r} has no sidecar .json: preprocessing did not finish"
+                    )
+                check_provenance(header, self.expect, f"validation feature shard {url}")
+                source.append(ShardInfo(url, [SampleInfo(s["key"], "safetensors", s) for s in header["samples"]]))
+        names = {b.name for sh in source for s in sh.samples if (b := self.cached_buckets.assign(s.meta)) is not None}
+        self.val_bucket = next((b for b in buckets.all_buckets() if b.name in names), None)
+        if self.val_bucket is None:
+            raise ValueError(f"eval.val={n}: no cached sample is in a configured bucket ({buckets.describe()})")
+
+        def eligible(s: SampleInfo) -> bool:
+            bucket = self.cached_buckets.assign(s.meta)
+            return bucket is not None and bucket.name == self.val_bucket.name
+
+        held = holdout_split(source, n, eligible)[1]
+        return (shards if val_urls else holdout_split(shards, n, eligible)[0]), held
+
+    def validation(self) -> dict[str, Any] | None:
+        """The held-out samples' features as one batch (`latent`, `txt`, `vec`, `caption`, `key`); None without a
+        hold-out. A damaged or non-finite sample is an error naming it."""
+        if not self.held:
+            return None
+        reader, rows = FeatureReader(self.expect), []
+        try:
+            for shard, sample in self.held:
+                try:
+                    tensors = reader.read(shard.url, sample.key)
+                except (OSError, KeyError, ValueError) as err:
+                    raise ValueError(f"validation sample {shard.url}:{sample.key} cannot be read: {err}") from err
+                if not all(torch.isfinite(t).all() for t in tensors.values()):
+                    raise ValueError(f"validation sample {shard.url}:{sample.key} has non-finite features")
+                rows.append(tensors)
+        finally:
+            reader.close()
+        return {
+            **{k: torch.stack([r[k].float() for r in rows]) for k in ("latent", "txt", "vec")},
+            "caption": [s.meta.get("caption", "") for _, s in self.held],
+            "key": [f"{shard.url}:{s.key}" for shard, s in self.held],
+            "bucket": self.val_bucket.name,
+        }
 
     @staticmethod
     def _agree(headers: Mapping[str, dict], key: str) -> Any:

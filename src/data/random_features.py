@@ -38,6 +38,7 @@ class RandomFeatureDataset(IterableDataset):
         seed: int = 0,
         pool: int = 8,
         state: Mapping | None = None,
+        holdout: int = 0,
     ):
         super().__init__()
         for name, value in (("latent_shape", latent_shape), ("text_shape", text_shape)):
@@ -55,12 +56,27 @@ class RandomFeatureDataset(IterableDataset):
         self.text_shape = tuple(int(v) for v in text_shape)
         self.text_dims = (self.text_shape[1], vec_dim)
         self.scan_skips: list = []
+        self.seed, self.holdout = seed, holdout
         self.start = int(state["batches"]) if state else 0
         g = torch.Generator().manual_seed(seed)
         self.pool = {
             "latent": torch.randn(pool, *self.latent_shapes[BUCKET], generator=g),
             "txt": torch.randn(pool, *self.text_shape, generator=g),
             "vec": torch.randn(pool, vec_dim, generator=g),
+        }
+
+    def validation(self) -> dict[str, Any] | None:
+        """`holdout` random samples of their own (drawn from seed + 1, never trained on); None for 0."""
+        if not self.holdout:
+            return None
+        g = torch.Generator().manual_seed(self.seed + 1)
+        return {
+            "latent": torch.randn(self.holdout, *self.latent_shapes[BUCKET], generator=g),
+            "txt": torch.randn(self.holdout, *self.text_shape, generator=g),
+            "vec": torch.randn(self.holdout, self.text_dims[1], generator=g),
+            "caption": [""] * self.holdout,
+            "key": [f"random-val-{i}" for i in range(self.holdout)],
+            "bucket": BUCKET,
         }
 
     def null_features(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,12 +128,16 @@ def build_random_loader(
     pin_memory: bool | str = "auto",
     state: Mapping | None = None,
     skip_dir: str | Path | None = None,
+    holdout: int = 0,
+    val_urls: str | None = None,
 ) -> DataLoader:
     """A DataLoader of random feature batches: `latent` is the latent grid (T', H', W'), `channels` its channels."""
     del skip_dir  # nothing is ever skipped
+    if val_urls:
+        raise ValueError(f"data=random_features draws its own validation samples; eval.val_urls={val_urls!r} is unused")
     if len(latent) != 3:
         raise ValueError(f"data.latent is the latent grid (T', H', W'), got {list(latent)}")
     dataset = RandomFeatureDataset(
-        (channels, *latent), (text_tokens, txt_dim), vec_dim, batch_size, dp_rank, dp_world, seed, pool, state
+        (channels, *latent), (text_tokens, txt_dim), vec_dim, batch_size, dp_rank, dp_world, seed, pool, state, holdout
     )
     return plan_order_loader(dataset, num_workers, pin_memory)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from src.data.buckets import Bucket, BucketConfig
 from src.data.catalog import MemberReader, SampleInfo, ShardInfo, Skip, expand_urls, scan_shards
+from src.data.holdout import split as holdout_split
 from src.data.plan import GlobalBatch, Planner, check_fits
 from src.data.video import VideoDecodeError, decode_clip, fits
 
@@ -121,6 +122,8 @@ class VideoShardDataset(IterableDataset):
         state: Mapping | None = None,
         skip_dir: str | Path | None = None,
         shard_retries: int = 3,
+        holdout: int = 0,
+        val_urls: str | Sequence[str] | None = None,
     ):
         super().__init__()
         if not 0 <= dp_rank < dp_world:
@@ -131,6 +134,14 @@ class VideoShardDataset(IterableDataset):
         shards, self.scan_skips = scan_shards(expand_urls(urls), retries=shard_retries)
         if dp_rank == 0:
             write_skips(skip_dir, "catalog", self.scan_skips)
+        # validation clips: held out of these shards by key, or chosen from separate ones (src/data/holdout.py)
+        self.val_bucket = buckets.all_buckets()[0]
+        fits_val = lambda s: self.can_supply(s.meta, self.val_bucket.num_frames)  # noqa: E731
+        if val_urls:
+            val_shards, _ = scan_shards(expand_urls(val_urls), retries=shard_retries)
+            self.held = holdout_split(val_shards, holdout, fits_val)[1]
+        else:
+            shards, self.held = holdout_split(shards, holdout, fits_val)
         self.fitting = check_fits(shards, buckets, self.can_supply)
         self.planner = Planner(shards, buckets, self.can_supply, dp_world, seed, shuffle, mix_shards, state)
         log.info(
@@ -143,6 +154,26 @@ class VideoShardDataset(IterableDataset):
 
     def can_supply(self, meta: Mapping, num_frames: int) -> bool:
         return self.clips.can_supply(meta, num_frames)
+
+    def validation(self) -> dict[str, Any] | None:
+        """The held-out clips as one batch of the validation bucket (`video`, `caption`, `key`), centre-cropped
+        from each clip's start; None without a hold-out. A clip that fails to decode is an error naming it."""
+        if not self.held:
+            return None
+        reader, videos, captions = MemberReader(), [], []
+        clips = ClipOptions(self.clips.fps, self.clips.frame_stride, "center")
+        try:
+            for shard, sample in self.held:
+                try:
+                    video, caption = clips.decode(reader, shard, sample, self.val_bucket, "validation")
+                except (VideoDecodeError, UnicodeDecodeError, OSError) as err:
+                    raise ValueError(f"validation clip {shard.url}:{sample.key} cannot be used: {err}") from err
+                videos.append(video)
+                captions.append(caption)
+        finally:
+            reader.close()
+        keys = [f"{shard.url}:{sample.key}" for shard, sample in self.held]
+        return {"video": torch.stack(videos), "caption": captions, "key": keys, "bucket": self.val_bucket.name}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -129,3 +129,24 @@ class FlowMatching:
         return training_inputs(
             x0, indices, seed, self.shift, self.sigma_min, self.text_dropout, self.logit_mean, self.logit_std
         )
+
+    def training_losses(
+        self,
+        model,
+        x0: torch.Tensor,
+        txt: torch.Tensor,
+        vec: torch.Tensor,
+        indices: torch.Tensor,
+        seed: int,
+        null_txt: torch.Tensor,
+        null_vec: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """One batch's per-sample flow-matching losses: {"loss": (B,) MSE of the velocity, "t": (B,) times}.
+
+        model(x_t, txt, vec, t) -> velocity like x0 (B, C, T, H, W); txt (B, L, D), vec (B, Dv); the empty prompt's
+        null_txt (L, D), null_vec (Dv,) replace the text of the samples drawn for text dropout.
+        """
+        x_t, t, target, drop = self.training_inputs(x0, indices, seed)
+        txt, vec = drop_text(txt, vec, null_txt, null_vec, drop)
+        pred = model(x_t, txt, vec, t)  # (B, C, T, H, W)
+        return {"loss": (pred.float() - target.float()).pow(2).flatten(1).mean(1), "t": t}
