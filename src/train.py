@@ -26,6 +26,7 @@ from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
 from src.curriculum import apply_transition, carry_moments
 from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
+from src.data.source import batch_features, bucket_latent_shapes  # noqa: F401  (re-exported for tests)
 from src.evaluation import Evaluator, LearningAlarm, validation_set, write_stage_report
 from src.flops import peak_flops, step_flops
 from src.metrics import LossBreakdown, StepWindow, truncate_after
@@ -56,17 +57,6 @@ def check_compatible(model: torch.nn.Module, latent_channels: int, txt_dim: int,
         raise ValueError("model does not match its features: " + "; ".join(problems))
 
 
-def bucket_latent_shapes(buckets, vae) -> dict[str, tuple[int, ...]]:
-    """(C, T', H', W') of every configured bucket; a bucket the VAE cannot encode is an error naming it."""
-    shapes = {}
-    for bucket in buckets.all_buckets():
-        try:
-            shapes[bucket.name] = vae.latent_shape(bucket.num_frames, bucket.height, bucket.width)
-        except ValueError as err:
-            raise ValueError(f"bucket {bucket.name} does not fit the VAE: {err}") from err
-    return shapes
-
-
 def check_patches(latent_shapes: dict[str, tuple[int, ...]], model: torch.nn.Module) -> None:
     """Every bucket's latent must split into whole patches."""
     for name, shape in latent_shapes.items():
@@ -74,14 +64,6 @@ def check_patches(latent_shapes: dict[str, tuple[int, ...]], model: torch.nn.Mod
             model.token_grid(shape)
         except ValueError as err:
             raise ValueError(f"bucket {name} does not fit the model: {err}") from err
-
-
-def encoded(batch: dict, text, vae, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x0 (B, C, T', H', W'), txt (B, L, D), vec (B, Dv) of a batch: read from the cache, or encoded now."""
-    if "latent" in batch:  # data=cached: the features were computed by src.preprocess
-        return tuple(batch[k].to(device, non_blocking=True) for k in ("latent", "txt", "vec"))
-    x0 = vae.encode(batch["video"].to(device, non_blocking=True))  # (B, 3, T, H, W) in [-1, 1] -> latent
-    return (x0, *text(batch["caption"]))
 
 
 def loop_state(step: int, samples_seen: int, batch: dict, skipped: Counter, failed: Counter) -> dict:
@@ -184,18 +166,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         val_urls=cfg.eval.val_urls,
     )
     data = loader.dataset
-    cached = getattr(data, "cached", False)  # features from src.preprocess, provenance checked
     text = vae = None
-    if not cached or cfg.eval.prompts:  # from the cache, the encoders are built only for fixed-prompt evaluation
+    if not data.encoded or cfg.eval.prompts:  # from features, the encoders are built only for fixed prompts
         text, vae = instantiate(cfg.text).to(device), instantiate(cfg.vae).to(device)
-    if cached:
-        null_txt, null_vec = data.null_features()  # (1, L, D), (1, Dv): the cache's empty prompt, for CFG
-        latent_shapes, (txt_dim, vec_dim) = data.latent_shapes, data.text_dims
-    else:
-        null_txt, null_vec = text([""])  # (1, L, D), (1, Dv): the unconditional prompt for CFG
-        latent_shapes, txt_dim, vec_dim = bucket_latent_shapes(data.planner.buckets, vae), text.dim, text.pooled_dim
-    null_txt, null_vec = null_txt.to(device), null_vec.to(device)
-    check_compatible(model, next(iter(latent_shapes.values()))[0], txt_dim, vec_dim)
+    spec = data.feature_spec(text, vae)  # the empty prompt's features, latent shapes per bucket, text widths
+    null_txt, null_vec, latent_shapes = spec.null_txt.to(device), spec.null_vec.to(device), spec.latent_shapes
+    check_compatible(model, next(iter(latent_shapes.values()))[0], spec.txt_dim, spec.vec_dim)
     check_patches(latent_shapes, model)
     evaluator = Evaluator(
         cfg.eval,
@@ -242,7 +218,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         data_wait = time.perf_counter() - t0
 
         valid = batch["valid"].to(device, non_blocking=True)  # (B,) False where a clip failed to decode
-        x0, txt, vec = encoded(batch, text, vae, device)  # (B, C, T', H', W'), (B, L, D), (B, Dv)
+        x0, txt, vec = batch_features(batch, text, vae, device)  # (B, C, T', H', W'), (B, L, D), (B, Dv)
         losses = flow.training_losses(engine, x0, txt, vec, batch["index"], cfg.seed, null_txt[0], null_vec[0])
         if step == first_step or step % cfg.sp_guard_every == 0:
             check_sequence_batches(batch, losses["t"], cfg.seed, dist, step)  # no-op without sequence parallelism

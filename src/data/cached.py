@@ -32,6 +32,7 @@ from src.data.holdout import split as holdout_split
 from src.data.plan import GlobalBatch, Planner
 from src.data.provenance import ProvenanceError, check_provenance, expected_provenance
 from src.data.shards import plan_order_loader, write_skips
+from src.data.source import FeatureSpec
 
 log = logging.getLogger(__name__)
 READ_FAILURES = ("read_error", "nonfinite")
@@ -63,7 +64,7 @@ class CachedFeatureDataset(IterableDataset):
     """This rank's batches: `latent` (B, C, T', H', W'), `txt` (B, L, D), `vec` (B, Dv), fp32, plus `caption`, `key`,
     `index`, `valid`, `bucket`, `state`, `failed` and `plan_skipped` as `VideoShardDataset` gives them."""
 
-    cached = True
+    encoded = True  # batches hold the features: no text encoder or VAE is built
 
     def __init__(
         self,
@@ -187,6 +188,11 @@ class CachedFeatureDataset(IterableDataset):
         with open(local_path(url), "rb") as f:
             null = load_tensors(read_at(f, members[HEADER_KEY]["safetensors"]))
         return null["null_txt"].float(), null["null_vec"].float()
+
+    def feature_spec(self, text=None, vae=None) -> FeatureSpec:
+        """What the features are, from the source itself (the encoders, when built for fixed prompts, are unused)."""
+        null_txt, null_vec = self.null_features()
+        return FeatureSpec(null_txt, null_vec, dict(self.latent_shapes), *self.text_dims)
 
     def null_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty prompt's features from the cache: (1, L, D), (1, Dv)."""

@@ -8,7 +8,8 @@ on what it draws: sample every colour x shape x direction prompt, then read the 
 
 How a video is read (frames (T, H, W, 3) uint8):
 - background: the per-channel median of every pixel of the clip (the shape covers under a fifth of a frame);
-- foreground: pixels whose largest channel difference from the background exceeds `FOREGROUND_LEVEL`;
+- foreground: pixels whose largest channel difference from the background, averaged over their 3x3 neighbourhood
+  (so that the grain a weak sampler leaves is not read as a shape), exceeds `FOREGROUND_LEVEL`;
 - colour: the mean foreground colour, nearest (Euclidean RGB) of the palette; "none" without foreground;
 - motion: the foreground centroid of each frame, a least-squares line through them over time; its displacement
   over the clip along x and y. The larger axis and its sign give the direction; under `MIN_TRAVEL` of the frame
@@ -53,15 +54,25 @@ def demo_prompts() -> list[tuple[str, str, str, str]]:
     ]
 
 
+def box3(x: np.ndarray) -> np.ndarray:
+    """3x3 spatial mean of (T, H, W) (edges replicated): isolated noisy pixels fall under the foreground level,
+    a shape of radius >= 2 pixels does not."""
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    H, W = x.shape[1:]
+    return sum(padded[:, i : i + H, j : j + W] for i in range(3) for j in range(3)) / 9
+
+
 def read_video(frames: np.ndarray) -> Reading:
     """Judge one video: frames (T, H, W, 3) uint8 (or float in [0, 255])."""
     video = np.asarray(frames, dtype=np.float64)  # (T, H, W, 3)
     T, H, W, _ = video.shape
     background = np.median(video.reshape(-1, 3), axis=0)  # (3,)
-    mask = np.abs(video - background).max(-1) > FOREGROUND_LEVEL  # (T, H, W)
-    if not mask.any():
+    diff = np.abs(video - background).max(-1)  # (T, H, W)
+    mask = box3(diff) > FOREGROUND_LEVEL
+    solid = mask & (diff > FOREGROUND_LEVEL)  # the colour is read inside the shape, not on its blurred rim
+    if not solid.any():
         return Reading("none", "static", 0.0, 0.0, 0.0)
-    mean_colour = video[mask].mean(0)  # (3,)
+    mean_colour = video[solid].mean(0)  # (3,)
     names = list(COLOURS)
     palette = np.array([COLOURS[n] for n in names], dtype=np.float64)  # (K, 3)
     colour = names[int(np.argmin(((palette - mean_colour) ** 2).sum(-1)))]
@@ -139,7 +150,7 @@ def judge_run(
     latent = pick_shape(cfg, vae)
     prompts = demo_prompts()
     null_txt, null_vec = text([""])
-    readings = []
+    readings, videos = [], []
     with torch.no_grad():
         for first in range(0, len(prompts), batch):
             chunk = prompts[first : first + batch]
@@ -147,13 +158,35 @@ def judge_run(
             noise = torch.randn(len(chunk), *latent, generator=g)
             txt, vec = text([p for p, *_ in chunk])
             z = euler_sample(model, noise, txt, vec, null_txt[0], null_vec[0], steps=steps, guidance=guidance)
-            readings += [read_video(to_frames(v)) for v in vae.decode(z.float()).clamp(-1, 1)]
+            videos += [to_frames(v) for v in vae.decode(z.float()).clamp(-1, 1)]
+    readings = [read_video(v) for v in videos]
     result = {"run": str(run_dir), "tag": tag, "ema": ema, "steps": steps, "guidance": guidance, "seed": seed}
     result |= score(readings, [(c, d) for _, c, _, d in prompts])
     result["per_direction"] = per_key(readings, prompts, 3)
     result["readings"] = [{"prompt": p[0], **asdict(r)} for p, r in zip(prompts, readings, strict=True)]
     (run_dir / "judge.json").write_text(json.dumps(result, indent=1))
+    strip = [i for i, (_, c, s, _) in enumerate(prompts) if s == "square" and c in ("red", "cyan")]
+    save_strip([videos[i] for i in strip], [prompts[i][0] for i in strip], run_dir / "judge_strip.png")
     return result
+
+
+def save_strip(videos: Sequence[np.ndarray], labels: Sequence[str], path: Path, scale: int = 2) -> Path:
+    """One row of frames per video ((T, H, W, 3) uint8), labelled, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [np.concatenate([np.pad(f, ((1, 1), (1, 1), (0, 0)), constant_values=128) for f in v], 1) for v in videos]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(rows[0].shape[1] * scale / 60, len(rows) * 0.9), dpi=60)
+    for ax, row, label in zip(np.atleast_1d(axes), rows, labels, strict=True):
+        ax.imshow(row, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(label, fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def per_key(readings: Iterable[Reading], prompts: Sequence[tuple], field: int) -> dict[str, float]:

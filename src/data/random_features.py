@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from src.data.shards import plan_order_loader
+from src.data.source import FeatureSpec
 
 BUCKET = "random"
 
@@ -25,7 +26,7 @@ BUCKET = "random"
 class RandomFeatureDataset(IterableDataset):
     """This rank's endless batches of `batch_size` samples: latent (B, C, T', H', W'), txt (B, L, D), vec (B, Dv)."""
 
-    cached = True  # the loop treats it as a feature cache: no text encoder or VAE is built
+    encoded = True  # the loop treats it as a feature cache: no text encoder or VAE is built
 
     def __init__(
         self,
@@ -78,6 +79,11 @@ class RandomFeatureDataset(IterableDataset):
             "key": [f"random-val-{i}" for i in range(self.holdout)],
             "bucket": BUCKET,
         }
+
+    def feature_spec(self, text=None, vae=None) -> FeatureSpec:
+        """What the features are, from the source itself (the encoders, when built for fixed prompts, are unused)."""
+        null_txt, null_vec = self.null_features()
+        return FeatureSpec(null_txt, null_vec, dict(self.latent_shapes), *self.text_dims)
 
     def null_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty prompt's features: zeros (1, L, D), (1, Dv)."""

@@ -31,6 +31,7 @@ from src.data.buckets import Bucket, BucketConfig
 from src.data.catalog import MemberReader, SampleInfo, ShardInfo, Skip, expand_urls, scan_shards
 from src.data.holdout import split as holdout_split
 from src.data.plan import GlobalBatch, Planner, check_fits
+from src.data.source import FeatureSpec, bucket_latent_shapes
 from src.data.video import VideoDecodeError, decode_clip, fits
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,15 @@ class VideoShardDataset(IterableDataset):
 
     def can_supply(self, meta: Mapping, num_frames: int) -> bool:
         return self.clips.can_supply(meta, num_frames)
+
+    encoded = False  # batches hold pixels and captions: the loop encodes them
+
+    def feature_spec(self, text, vae) -> FeatureSpec:
+        """The empty prompt's features from the text encoder, every bucket's latent shape from the VAE."""
+        null_txt, null_vec = text([""])  # (1, L, D), (1, Dv)
+        return FeatureSpec(
+            null_txt, null_vec, bucket_latent_shapes(self.planner.buckets, vae), text.dim, text.pooled_dim
+        )
 
     def validation(self) -> dict[str, Any] | None:
         """The held-out clips as one batch of the validation bucket (`video`, `caption`, `key`), centre-cropped

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from src.data.source import batch_features
 from src.evaluation.evaluator import Evaluator, LearningAlarm
 from src.evaluation.validation import ValidationSet
 
@@ -24,11 +25,7 @@ def validation_set(batch: dict | None, text, vae, device: torch.device) -> Valid
     if batch is None:
         return None
     with torch.no_grad():
-        if "latent" in batch:
-            x0, txt, vec = (batch[k].to(device) for k in ("latent", "txt", "vec"))
-        else:
-            x0 = vae.encode(batch["video"].to(device))  # (N, C, T', H', W')
-            txt, vec = text(batch["caption"])
+        x0, txt, vec = batch_features(batch, text, vae, device)  # (N, C, T', H', W'), (N, L, D), (N, Dv)
     return ValidationSet(x0.float(), txt.float(), vec.float(), list(batch["key"]), list(batch["caption"]))
 
 
