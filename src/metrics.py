@@ -233,7 +233,7 @@ def plot_learning(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.legend(fontsize=6, ncol=2)
     ax.set_title("validation loss by timestep bin")
     ax = axes[1, 0]
-    for name in ("time", "text", "empty"):
+    for name in ("time", "order", "text", "empty"):
         pts = [r for r in val if r.get(f"probe_{name}_gap") is not None]
         if pts:
             ax.errorbar([r["step"] for r in pts], [r[f"probe_{name}_gap"] for r in pts],

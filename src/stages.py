@@ -123,7 +123,7 @@ def describe_report(name: str, report: dict | None) -> str:
     if report.get("val_loss") is not None:
         lines.append(f"  validation loss {report['val_loss']:.4f}")
     probes = report.get("probes") or {}
-    for probe in ("time", "text", "empty"):
+    for probe in ("time", "order", "text", "empty"):
         if probes.get(f"{probe}_gap") is not None:
             lines.append(f"  {probe} probe gap {probes[f'{probe}_gap']:+.4f} (se {probes[f'{probe}_se']:.4f})")
     if report.get("health"):

@@ -62,7 +62,7 @@ def test_a_model_that_ignores_text_and_time_shows_no_gap_and_one_that_reads_them
 
     row = evaluate(oracle, val, torch.zeros(5, 8), torch.zeros(8), bins=4)
     assert row["val_loss"] < 1e-9
-    for probe in ("time", "text", "empty"):
+    for probe in ("time", "order", "text", "empty"):
         assert row[f"probe_{probe}_gap"] > 3 * row[f"probe_{probe}_se"] > 0
 
 
@@ -75,11 +75,12 @@ def test_gap_and_its_standard_error():
 
 
 def test_probe_alarms_fire_on_no_gap_only():
-    quiet = {"probe_time_gap": 0.002, "probe_time_se": 0.002, "probe_text_gap": 0.2, "probe_text_se": 0.01}
+    quiet = {"probe_order_gap": 0.002, "probe_order_se": 0.002, "probe_text_gap": 0.2, "probe_text_se": 0.01}
     (alarm,) = probe_alarms(quiet, 0.01, 3.0)
-    assert alarm.startswith("time probe gap +0.0020") and "frame order" in alarm
-    assert probe_alarms({**quiet, "probe_time_gap": 0.05}, 0.01, 3.0) == []
-    assert len(probe_alarms({**quiet, "probe_time_gap": 0.05, "probe_time_se": 0.02}, 0.01, 3.0)) == 1  # z 2.5
+    assert alarm.startswith("order probe gap +0.0020") and "frame order" in alarm
+    assert probe_alarms({**quiet, "probe_order_gap": 0.05}, 0.01, 3.0) == []
+    assert len(probe_alarms({**quiet, "probe_order_gap": 0.05, "probe_order_se": 0.02}, 0.01, 3.0)) == 1  # z 2.5
+    assert probe_alarms(quiet, 0.01, 3.0, probes=("text",)) == []
 
 
 def _clip(direction="right", frames=8, size=32) -> torch.Tensor:

@@ -5,7 +5,7 @@ without downloading anything. Every clip is drawn from an RNG seeded by (seed, c
 data set is reproducible and captions are truthful: the shape really moves in the stated direction.
 
     python -m src.data.synthetic OUT_DIR [--num-clips 256] [--clips-per-shard 32] [--frames 24]
-        [--size 64] [--fps 8] [--seed 0]
+        [--size 64] [--fps 8] [--seed 0] [--radius 0.1 0.18] [--slack 0.15]
 """
 
 from __future__ import annotations
@@ -58,16 +58,19 @@ class ClipSpec:
     background: int  # grey level of the background
 
 
-def sample_spec(seed: int, index: int, size: int) -> ClipSpec:
-    """Draw the content of clip `index` for a `size` x `size` frame."""
+def sample_spec(
+    seed: int, index: int, size: int, radius: tuple[float, float] = (0.1, 0.18), slack: float = 0.15
+) -> ClipSpec:
+    """Draw the content of clip `index` for a `size` x `size` frame: the shape's half-extent is drawn from
+    `radius` (fractions of the size); it starts within `slack` x size of one edge and ends as close to the other."""
     rng = np.random.default_rng([seed, index])
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
     direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-    radius = float(size * rng.uniform(0.1, 0.18))
+    radius = float(size * rng.uniform(*radius))
     low, high = radius + 1.0, size - 2.0 - radius  # the shape stays fully inside the frame
-    slack = 0.15 * size
+    slack = slack * size
     first = low + rng.uniform(0.0, slack)  # travels at least size - 2 * (radius + slack + 2) pixels
     last = high - rng.uniform(0.0, slack)
     start, end = (first, last) if direction in ("right", "down") else (last, first)
@@ -117,6 +120,8 @@ def write_synthetic_shards(
     size: int = 64,
     fps: int = 8,
     seed: int = 0,
+    radius: tuple[float, float] = (0.1, 0.18),
+    slack: float = 0.15,
 ) -> list[Path]:
     """Write `num_clips` synthetic clips as webdataset shards `out_dir/shard-000000.tar`, ...
 
@@ -133,6 +138,9 @@ def write_synthetic_shards(
     ):
         if value < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not 0 < radius[0] <= radius[1] or 2 * radius[1] + 2 * slack >= 0.9:
+        raise ValueError(f"radius {radius} and slack {slack} leave the shape no room to travel: need 0 < min <= max "
+                         "and 2 max + 2 slack < 0.9 (fractions of the frame)")  # fmt: skip
     if size % 2:
         raise ValueError(f"size must be even (H.264 yuv420p), got {size}")
     out_dir = Path(out_dir)
@@ -143,7 +151,7 @@ def write_synthetic_shards(
         tmp = path.with_name(path.name + ".tmp")
         with tarfile.open(tmp, "w") as tar:
             for index in range(first, min(first + clips_per_shard, num_clips)):
-                spec = sample_spec(seed, index, size)
+                spec = sample_spec(seed, index, size, radius, slack)
                 meta = {
                     "frames": frames,
                     "fps": fps,
@@ -181,11 +189,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--radius", type=float, nargs=2, default=(0.1, 0.18), metavar=("MIN", "MAX"),
+                        help="half-extent of the shape, as fractions of the frame size")  # fmt: skip
+    parser.add_argument("--slack", type=float, default=0.15,
+                        help="the shape starts within this fraction of the frame from its edge")  # fmt: skip
     args = parser.parse_args(argv)
     started = time.perf_counter()
     paths = write_synthetic_shards(
-        args.out_dir, args.num_clips, args.clips_per_shard, args.frames, args.size, args.fps, args.seed
-    )
+        args.out_dir, args.num_clips, args.clips_per_shard, args.frames, args.size, args.fps, args.seed,
+        tuple(args.radius), args.slack,
+    )  # fmt: skip
     print(
         f"wrote {args.num_clips} clips ({args.frames} frames, {args.size}x{args.size}, {args.fps} fps) "
         f"in {len(paths)} shards to {args.out_dir} in {time.perf_counter() - started:.1f}s"

@@ -21,30 +21,32 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.evaluation.health import STATS, health_alarms, health_ratios, video_stats
-from src.evaluation.validation import ValidationSet, evaluate
+from src.evaluation.validation import PROBES, ValidationSet, evaluate
 from src.parallel.dist import all_sum_counts
 from src.sample import sample_prompts
 
 log = logging.getLogger("kiln.eval")
 ALARM_MODES = ("off", "warn", "stop")
-ALARM_PROBES = ("time", "text")
 
 
 class LearningAlarm(RuntimeError):
     """An evaluation alarm under `eval.alarms: stop`; the run has checkpointed the step."""
 
 
-def probe_alarms(row: dict, min_gap: float, min_z: float) -> list[str]:
-    """A message for each probe whose gap is not clearly positive."""
+USES = {"time": "the caption's direction of time", "order": "frame order", "text": "its text", "empty": "its text"}
+
+
+def probe_alarms(row: dict, min_gap: float, min_z: float, probes=("order", "text")) -> list[str]:
+    """A message for each of `probes` whose gap is not clearly positive."""
     alarms = []
-    for name in ALARM_PROBES:
+    for name in probes:
         g, se = row.get(f"probe_{name}_gap"), row.get(f"probe_{name}_se")
         if g is None:
             continue
         if g < min_gap or g < min_z * se:
             alarms.append(
                 f"{name} probe gap {g:+.4f} (se {se:.4f}) is not above {min_gap} and {min_z} standard errors: "
-                f"the model does not use {'frame order' if name == 'time' else 'its text'}"
+                f"the model does not use {USES[name]}"
             )
     return alarms
 
@@ -76,6 +78,8 @@ class Evaluator:
         self.last_step, self.sigma_min = last_step, sigma_min
         self.bounds = {k: tuple(v) for k, v in OmegaConf.to_container(cfg.health, resolve=True).items()}
         health_alarms(dict.fromkeys(STATS, 1.0), self.bounds)  # raises on an unknown statistic
+        if unknown := set(cfg.alarm_probes) - set(PROBES):
+            raise ValueError(f"eval.alarm_probes: unknown {sorted(unknown)}; the probes are {list(PROBES)}")
         self.reference = None  # the held-out clips' statistics, for the health ratios
         if val is not None and cfg.prompts and is_main:
             with torch.no_grad():
@@ -100,7 +104,7 @@ class Evaluator:
             return None
         alarms = []
         if self.cfg.alarms != "off" and step >= self.cfg.alarm_after:
-            alarms += probe_alarms(row, self.cfg.probe_min_gap, self.cfg.probe_min_z)
+            alarms += probe_alarms(row, self.cfg.probe_min_gap, self.cfg.probe_min_z, self.cfg.alarm_probes)
             if "health" in row:
                 alarms += health_alarms(row["health"], self.bounds)
         row["alarms"] = alarms

@@ -4,9 +4,10 @@ with the probes that tell whether the model uses time and text.
 All functions here are pure (tensors in, numbers out) except that they call the velocity model they are given.
 
 Probes, on the same clips, noise and timesteps as the validation loss:
-- time: each clip's latent frames reversed. The clean target then moves the other way; a model that reads the
-  caption and the frame order predicts the true order better (positive gap); a model blind to frame order
-  (static video, time-axis RoPE broken) shows no gap.
+- time: each clip's latent frames reversed. A reversed clip is a valid clip of the opposite motion, so only a model
+  that binds its caption to the order of frames predicts the true order better (positive gap).
+- order: each clip's latent frames in a fixed shuffled order. Any model that has learnt motion predicts smooth
+  clips better; a model blind to frame order (static video, time-axis RoPE broken) shows no gap.
 - text: the captions' features rolled by one across the set (every clip gets another clip's caption), and the empty
   prompt. A model that ignores its text (a wrongly loaded text encoder) shows no gap.
 A gap is relative to the mean validation loss: gap = mean_i(L_probe_i - L_true_i) / mean_i(L_true_i), over clips i
@@ -24,7 +25,7 @@ import torch
 from src.diffusion.flow import add_noise, velocity_target
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-PROBES = ("time", "text", "empty")
+PROBES = ("time", "order", "text", "empty")
 
 
 @dataclass
@@ -43,6 +44,12 @@ class ValidationSet:
 
     def to(self, device: torch.device | str) -> ValidationSet:
         return ValidationSet(self.x0.to(device), self.txt.to(device), self.vec.to(device), self.keys, self.captions)
+
+
+def shuffled(frames: int, seed: int) -> torch.Tensor:
+    """A fixed permutation of `frames` (> 1) frame indices that is not the identity."""
+    perm = torch.randperm(frames, generator=torch.Generator().manual_seed(seed))
+    return perm.roll(1) if torch.equal(perm, torch.arange(frames)) else perm
 
 
 def bin_times(bins: int) -> torch.Tensor:
@@ -131,8 +138,9 @@ def evaluate(
         "text": lambda: losses(val.x0, val.txt.roll(1, 0), val.vec.roll(1, 0)),
         "empty": lambda: losses(val.x0, empty_txt, empty_vec),
     }
-    if val.x0.shape[2] > 1:  # time: only for clips of more than one latent frame
+    if val.x0.shape[2] > 1:  # time and order: only for clips of more than one latent frame
         probes["time"] = lambda: losses(val.x0.flip(2), val.txt, val.vec)
+        probes["order"] = lambda: losses(val.x0[:, :, shuffled(val.x0.shape[2], seed)], val.txt, val.vec)
     for name in PROBES:
         if name in probes:
             g, se = gap(probes[name](), true)
