@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
 # The CPU demo, from a fresh machine: install, generate synthetic video shards, run the two-stage demo curriculum
-# (conf/curriculum/demo.yaml: `demo` at 32x32, then `demo_stage2` at 64x64 from its final checkpoint) on 2 CPU
-# ranks with ZeRO-3, plot the losses and sample videos from the final checkpoint. Outputs in outputs/.
+# (conf/curriculum/demo.yaml: `demo` at 16x16, then `demo_stage2` at 32x32 from its final checkpoint), refusing to
+# start stage 2 from an unhealthy stage 1, then judge what both stages draw: colour and direction of motion read
+# from the pixels of 96 sampled videos (every colour x shape x direction). Outputs in outputs/.
 # Running it again resumes (finished stages are skipped).
-# Environment: NPROC (ranks, default 2), SKIP_INSTALL=1 to skip pip.
+# Environment: NPROC (ranks, default 2), SKIP_INSTALL=1 to skip pip, JUDGE_STEPS (Euler steps, default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-2}
+started=$(date +%s)
 
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
     bash launch/install.sh
 fi
 
-if [ ! -d outputs/synthetic ]; then
-    python -m src.data.synthetic outputs/synthetic --num-clips 512 --clips-per-shard 64 --frames 24 --size 64
+if [ ! -d outputs/synthetic_demo ]; then
+    python -m src.data.synthetic outputs/synthetic_demo --num-clips 512 --clips-per-shard 64 --frames 24 --size 64 \
+        --radius 0.12 0.2 --slack 0.05 --lane 0.3
 fi
 
-# exits 75 if a stage was stopped (SIGUSR1/SIGTERM/STOP file): run this script again to resume
-python -m src.stages conf/curriculum/demo.yaml --nproc "$NPROC" --out-dir outputs
+# exits 75 if a stage was stopped (SIGUSR1/SIGTERM/STOP file): run this script again to resume; 4 if stage 1 ended
+# with a learning alarm (outputs/demo/stage_report.json says which)
+python -m src.stages conf/curriculum/demo.yaml --nproc "$NPROC" --out-dir outputs --require-healthy
 
 for run_dir in outputs/demo outputs/demo_stage2; do
     python -m src.metrics "$run_dir"
+    python -m src.data.judge "$run_dir" --steps "${JUDGE_STEPS:-20}"
 done
 python -m src.sample outputs/demo_stage2 --steps 30 --guidance 4 --out outputs/demo_stage2/samples \
     --prompt "a red square moving left on a dark background" \
     --prompt "a yellow circle moving up on a dark background"
-echo "demo done: outputs/demo*/loss.png, outputs/demo_stage2/samples/*.mp4, outputs/demo_stage2/transition.json"
+echo "demo done in $(( $(date +%s) - started )) s: outputs/demo*/{loss,learning}.png, judge.json, judge_strip.png," \
+    "stage_report.json; outputs/demo_stage2/samples/*.mp4"

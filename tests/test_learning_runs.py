@@ -21,9 +21,9 @@ from tests.conftest import ROOT
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    """The learning check's data: synthetic clips as the demo's, generated in a few seconds."""
+    """The learning check's data (conf/experiment/learning_check.yaml), generated in a few seconds."""
     out = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_shards(out, num_clips=256, clips_per_shard=64, frames=24, size=64)
+    write_synthetic_shards(out, 512, 64, frames=24, size=64, radius=(0.12, 0.2), slack=0.05, lane=0.3)
     return out
 
 

@@ -5,7 +5,7 @@ without downloading anything. Every clip is drawn from an RNG seeded by (seed, c
 data set is reproducible and captions are truthful: the shape really moves in the stated direction.
 
     python -m src.data.synthetic OUT_DIR [--num-clips 256] [--clips-per-shard 32] [--frames 24]
-        [--size 64] [--fps 8] [--seed 0] [--radius 0.1 0.18] [--slack 0.15]
+        [--size 64] [--fps 8] [--seed 0] [--radius 0.1 0.18] [--slack 0.15] [--lane 1]
 """
 
 from __future__ import annotations
@@ -59,10 +59,16 @@ class ClipSpec:
 
 
 def sample_spec(
-    seed: int, index: int, size: int, radius: tuple[float, float] = (0.1, 0.18), slack: float = 0.15
+    seed: int,
+    index: int,
+    size: int,
+    radius: tuple[float, float] = (0.1, 0.18),
+    slack: float = 0.15,
+    lane: float = 1.0,
 ) -> ClipSpec:
     """Draw the content of clip `index` for a `size` x `size` frame: the shape's half-extent is drawn from
-    `radius` (fractions of the size); it starts within `slack` x size of one edge and ends as close to the other."""
+    `radius` (fractions of the size); it starts within `slack` x size of one edge and ends as close to the other;
+    across its motion it keeps to the central `lane` fraction of the room the frame leaves it (1: anywhere)."""
     rng = np.random.default_rng([seed, index])
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
@@ -74,6 +80,7 @@ def sample_spec(
     first = low + rng.uniform(0.0, slack)  # travels at least size - 2 * (radius + slack + 2) pixels
     last = high - rng.uniform(0.0, slack)
     start, end = (first, last) if direction in ("right", "down") else (last, first)
+    edge = (1 - lane) * (high - low) / 2  # the lane leaves this much room unused on either side
     return ClipSpec(
         colour=colour,
         shape=shape,
@@ -84,7 +91,7 @@ def sample_spec(
         radius=radius,
         start=start,
         end=end,
-        cross=float(rng.uniform(low, high)),
+        cross=float(rng.uniform(low + edge, high - edge)),
         background=int(rng.integers(0, 40)),
     )
 
@@ -122,6 +129,7 @@ def write_synthetic_shards(
     seed: int = 0,
     radius: tuple[float, float] = (0.1, 0.18),
     slack: float = 0.15,
+    lane: float = 1.0,
 ) -> list[Path]:
     """Write `num_clips` synthetic clips as webdataset shards `out_dir/shard-000000.tar`, ...
 
@@ -138,6 +146,8 @@ def write_synthetic_shards(
     ):
         if value < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not 0 <= lane <= 1:
+        raise ValueError(f"lane must be a fraction in [0, 1], got {lane}")
     if not 0 < radius[0] <= radius[1] or 2 * radius[1] + 2 * slack >= 0.9:
         raise ValueError(f"radius {radius} and slack {slack} leave the shape no room to travel: need 0 < min <= max "
                          "and 2 max + 2 slack < 0.9 (fractions of the frame)")  # fmt: skip
@@ -151,7 +161,7 @@ def write_synthetic_shards(
         tmp = path.with_name(path.name + ".tmp")
         with tarfile.open(tmp, "w") as tar:
             for index in range(first, min(first + clips_per_shard, num_clips)):
-                spec = sample_spec(seed, index, size, radius, slack)
+                spec = sample_spec(seed, index, size, radius, slack, lane)
                 meta = {
                     "frames": frames,
                     "fps": fps,
@@ -193,11 +203,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="half-extent of the shape, as fractions of the frame size")  # fmt: skip
     parser.add_argument("--slack", type=float, default=0.15,
                         help="the shape starts within this fraction of the frame from its edge")  # fmt: skip
+    parser.add_argument("--lane", type=float, default=1.0,
+                        help="across its motion the shape keeps to this central fraction of its room")  # fmt: skip
     args = parser.parse_args(argv)
     started = time.perf_counter()
     paths = write_synthetic_shards(
         args.out_dir, args.num_clips, args.clips_per_shard, args.frames, args.size, args.fps, args.seed,
-        tuple(args.radius), args.slack,
+        tuple(args.radius), args.slack, args.lane,
     )  # fmt: skip
     print(
         f"wrote {args.num_clips} clips ({args.frames} frames, {args.size}x{args.size}, {args.fps} fps) "

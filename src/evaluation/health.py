@@ -41,9 +41,15 @@ def video_stats(video: torch.Tensor) -> dict[str, float]:
     }
 
 
+FLICKER_SCALE = 0.1  # flicker is measured against at least this fraction of the data's contrast
+
+
 def health_ratios(sample: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
-    """sample / reference for every statistic (the reference floored at FLOOR)."""
-    return {k: sample[k] / max(reference[k], FLOOR) for k in STATS}
+    """sample / reference for every statistic (the reference floored at FLOOR). Clips of a shape on a still
+    background hardly flicker at all, so flicker is compared with at least a tenth of the data's contrast: a
+    generated clip whose mean brightness wobbles by that much over time is not yet flickering."""
+    floors = dict.fromkeys(STATS, FLOOR) | {"flicker": max(FLOOR, FLICKER_SCALE * reference["contrast"])}
+    return {k: sample[k] / max(reference[k], floors[k]) for k in STATS}
 
 
 def health_alarms(ratios: Mapping[str, float], bounds: Mapping[str, Sequence[float | None]]) -> list[str]:
