@@ -166,3 +166,17 @@ def test_dcae_tiny_preprocesses_and_trains_on_dc_ae_latents(tmp_path):
     run([sys.executable, "-m", "src.train", *common, "parallel=local", f"hydra.run.dir={run_dir}"])
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in rows)
+
+
+def test_a_cached_run_holds_out_validation_clips_by_key(cache, tmp_path):
+    # the held-out samples never reach the plan; validation reads their cached features (no encoder is built)
+    train_keys = {s.key for sh in loader_for(cache, holdout=4).dataset.planner.shards for s in sh.samples}
+    held = loader_for(cache, holdout=4).dataset.validation()
+    assert len(train_keys) == 12 and held["latent"].shape[0] == 4
+    assert not {k.rsplit(":", 1)[1] for k in held["key"]} & train_keys
+    run_dir = tmp_path / "run"
+    run([sys.executable, "-m", "src.train", "+experiment=stage1_tiny", f"data.urls={cache}", "parallel=local",
+         "eval.val=4", f"hydra.run.dir={run_dir}"])  # fmt: skip
+    (final,) = read_metrics(run_dir, "eval")
+    assert final["step"] == 4 and len(final["val_loss_by_t"]) == 8 and final["probe_text_se"] > 0
+    assert "RANDOM weights" not in (run_dir / "train.log").read_text()

@@ -1,8 +1,11 @@
-"""Fixed-prompt evaluation during training: when it runs, and the videos of a 2-rank ZeRO-3 run."""
+"""Evaluation during training on several ranks: fixed-prompt videos, validation, probes and health."""
+
+import json
 
 import av
 import pytest
 
+from src.metrics import read_metrics
 from tests.test_train import train
 
 
@@ -15,3 +18,21 @@ def test_a_zero3_run_writes_the_same_prompts_at_each_evaluation(tmp_path):
         with av.open(str(videos[0])) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         assert len(frames) == 8 and frames[0].shape == (32, 32, 3)  # the smoke bucket: 8 frames of 32x32
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("parallel", ["zero3", "sp2"])
+def test_validation_probes_and_health_run_on_two_ranks_without_deadlock(tmp_path, parallel):
+    # every rank evaluates the held-out clips and samples the prompts in the same order (ZeRO-3 gathers weights in
+    # each forward; sequence parallelism splits each forward over both ranks); rank 0 alone writes
+    extra = ["parallel.sp_size=2"] if parallel == "sp2" else []
+    train(tmp_path, "eval.val=4", "eval.val_every=2", "eval.every=4", "eval.steps=2", "eval.prompts=[a red square]",
+          *extra)  # fmt: skip
+    evals = read_metrics(tmp_path, "eval")
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(len(r["val_loss_by_t"]) == 8 and r["probe_time_se"] > 0 for r in evals)
+    assert set(evals[-1]["health"]) == {"brightness", "contrast", "motion", "sharpness", "flicker"}
+    report = json.loads((tmp_path / "stage_report.json").read_text())
+    assert report["step"] == 4 and report["val_loss"] == evals[-1]["val_loss"]
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and len(rows[0]["loss_by_t"]) == 8

@@ -40,7 +40,7 @@ class ValidationSet:
 
     def __post_init__(self):
         if len(self.keys) < 2:
-            raise ValueError(f"validation needs at least 2 clips (the text probe swaps captions), got {len(self.keys)}")
+            raise ValueError(f"eval.val must be >= 2 clips (the text probe swaps captions), got {len(self.keys)}")
 
     def to(self, device: torch.device | str) -> ValidationSet:
         return ValidationSet(self.x0.to(device), self.txt.to(device), self.vec.to(device), self.keys, self.captions)
