@@ -4,10 +4,16 @@
 # start stage 2 from an unhealthy stage 1, then judge what both stages draw: colour and direction of motion read
 # from the pixels of 96 sampled videos (every colour x shape x direction). Outputs in outputs/.
 # Running it again resumes (finished stages are skipped).
-# Environment: NPROC (ranks, default 2), SKIP_INSTALL=1 to skip pip, JUDGE_STEPS (Euler steps, default 20).
+# Environment: NPROC (default 1: one process, the local engine; N > 1: N ZeRO-3 ranks over gloo, the same global
+# batch of 16 clips), SKIP_INSTALL=1 to skip pip, JUDGE_STEPS (Euler steps of the judge's samples, default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NPROC=${NPROC:-2}
+NPROC=${NPROC:-1}
+if [ "$NPROC" = 1 ]; then
+    ENGINE=(parallel=local)  # on 2 CPU cores one process with both threads is faster than 2 ranks of one thread
+else
+    ENGINE=(parallel=zero3 "data.buckets.batch_scale=$(python3 -c "print(1 / $NPROC)")")
+fi
 started=$(date +%s)
 
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
@@ -21,7 +27,7 @@ fi
 
 # exits 75 if a stage was stopped (SIGUSR1/SIGTERM/STOP file): run this script again to resume; 4 if stage 1 ended
 # with a learning alarm (outputs/demo/stage_report.json says which)
-python -m src.stages conf/curriculum/demo.yaml --nproc "$NPROC" --out-dir outputs --require-healthy
+python -m src.stages conf/curriculum/demo.yaml --nproc "$NPROC" --out-dir outputs --require-healthy "${ENGINE[@]}"
 
 for run_dir in outputs/demo outputs/demo_stage2; do
     python -m src.metrics "$run_dir"
