@@ -32,7 +32,7 @@ from src.data.holdout import split as holdout_split
 from src.data.plan import GlobalBatch, Planner
 from src.data.provenance import ProvenanceError, check_provenance, expected_provenance
 from src.data.shards import plan_order_loader, write_skips
-from src.data.source import FeatureSpec
+from src.data.source import Batch, FeatureSpec
 
 log = logging.getLogger(__name__)
 READ_FAILURES = ("read_error", "nonfinite")
@@ -150,7 +150,7 @@ class CachedFeatureDataset(IterableDataset):
         held = holdout_split(source, n, eligible)[1]
         return (shards if val_urls else holdout_split(shards, n, eligible)[0]), held
 
-    def validation(self) -> dict[str, Any] | None:
+    def validation(self) -> Batch | None:
         """The held-out samples' features as one batch (`latent`, `txt`, `vec`, `caption`, `key`); None without a
         hold-out. A damaged or non-finite sample is an error naming it."""
         if not self.held:
@@ -198,7 +198,7 @@ class CachedFeatureDataset(IterableDataset):
         """The empty prompt's features from the cache: (1, L, D), (1, Dv)."""
         return self.null[0][None], self.null[1][None]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         reader = FeatureReader(self.expect)
@@ -209,7 +209,7 @@ class CachedFeatureDataset(IterableDataset):
         finally:
             reader.close()
 
-    def read_batch(self, batch: GlobalBatch, reader: FeatureReader) -> dict[str, Any]:
+    def read_batch(self, batch: GlobalBatch, reader: FeatureReader) -> Batch:
         latents, txts, vecs, captions, keys, valid, skips = [], [], [], [], [], [], []
         shape = self.latent_shapes[batch.bucket.name]
         for g in batch.rank_slice(self.dp_rank):

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from src.data.shards import plan_order_loader
-from src.data.source import FeatureSpec
+from src.data.source import Batch, FeatureSpec
 
 BUCKET = "random"
 
@@ -66,7 +65,7 @@ class RandomFeatureDataset(IterableDataset):
             "vec": torch.randn(pool, vec_dim, generator=g),
         }
 
-    def validation(self) -> dict[str, Any] | None:
+    def validation(self) -> Batch | None:
         """`holdout` random samples of their own (drawn from seed + 1, never trained on); None for 0."""
         if not self.holdout:
             return None
@@ -94,7 +93,7 @@ class RandomFeatureDataset(IterableDataset):
         first = (number * self.dp_world + self.dp_rank) * self.batch_size
         return list(range(first, first + self.batch_size))
 
-    def batch(self, number: int) -> dict[str, Any]:
+    def batch(self, number: int) -> Batch:
         indices = self.indices(number)
         rows = torch.tensor(indices) % len(self.pool["vec"])
         return {
@@ -109,7 +108,7 @@ class RandomFeatureDataset(IterableDataset):
             "plan_skipped": {},
         }
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         number = self.start

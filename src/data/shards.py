@@ -31,7 +31,7 @@ from src.data.buckets import Bucket, BucketConfig
 from src.data.catalog import MemberReader, SampleInfo, ShardInfo, Skip, expand_urls, scan_shards
 from src.data.holdout import split as holdout_split
 from src.data.plan import GlobalBatch, Planner, check_fits
-from src.data.source import FeatureSpec, bucket_latent_shapes
+from src.data.source import Batch, FeatureSpec, bucket_latent_shapes
 from src.data.video import VideoDecodeError, decode_clip, fits
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class VideoShardDataset(IterableDataset):
             null_txt, null_vec, bucket_latent_shapes(self.planner.buckets, vae), text.dim, text.pooled_dim
         )
 
-    def validation(self) -> dict[str, Any] | None:
+    def validation(self) -> Batch | None:
         """The held-out clips as one batch of the validation bucket (`video`, `caption`, `key`), centre-cropped
         from each clip's start; None without a hold-out. A clip that fails to decode is an error naming it."""
         if not self.held:
@@ -185,7 +185,7 @@ class VideoShardDataset(IterableDataset):
         keys = [f"{shard.url}:{sample.key}" for shard, sample in self.held]
         return {"video": torch.stack(videos), "caption": captions, "key": keys, "bucket": self.val_bucket.name}
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         reader = MemberReader()
@@ -196,7 +196,7 @@ class VideoShardDataset(IterableDataset):
         finally:
             reader.close()
 
-    def decode_batch(self, batch: GlobalBatch, reader: MemberReader) -> dict[str, Any]:
+    def decode_batch(self, batch: GlobalBatch, reader: MemberReader) -> Batch:
         bucket = batch.bucket
         videos, captions, keys, valid, skips = [], [], [], [], []
         for g in batch.rank_slice(self.dp_rank):

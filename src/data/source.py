@@ -7,8 +7,28 @@ the loop encodes), `feature_spec(text, vae)` below, and `validation()`: its held
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
+
+
+class Batch(TypedDict, total=False):
+    """One data-parallel rank's batch, from any source. An encoded source fills `latent`, `txt`, `vec`; an online one
+    `video` and `caption` (encoded by the loop with `batch_features`). A held-out (validation) batch has only the
+    content fields, `key` and `bucket`."""
+
+    video: torch.Tensor  # (B, 3, T, H, W) in [-1, 1]
+    latent: torch.Tensor  # (B, C, T', H', W')
+    txt: torch.Tensor  # (B, L, D)
+    vec: torch.Tensor  # (B, Dv)
+    caption: list[str]
+    key: list[str]
+    index: torch.Tensor  # (B,) global sample numbers: the noise, timestep and dropout of each sample follow them
+    valid: torch.Tensor  # (B,) bool: False where a sample failed to decode or read (its loss is ignored)
+    bucket: str
+    state: dict  # the plan after this batch (what a checkpoint stores to resume exactly)
+    failed: dict[str, int]  # this rank's read / decode failures in this batch, by reason
+    plan_skipped: dict[str, int]  # samples the plan passed over since the previous batch (the same on all ranks)
 
 
 @dataclass(frozen=True)
@@ -34,7 +54,7 @@ def bucket_latent_shapes(buckets, vae) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def batch_features(batch: dict, text, vae, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_features(batch: Batch, text, vae, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x0 (B, C, T', H', W'), txt (B, L, D), vec (B, Dv) of a batch: its own features (an encoded source), or its
     `video` (B, 3, T, H, W) in [-1, 1] and `caption` encoded now."""
     if "latent" in batch:
