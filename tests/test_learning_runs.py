@@ -2,8 +2,8 @@
 none, and a tiny run learns time, text and the direction of motion (the learning regression test).
 
 All in-process on the local engine (one process, the CPU's threads) over a freshly generated synthetic set, with
-conf/experiment/learning_check.yaml (the demo's stage 1, 500 steps; see docs/learning.md). Marked `slow`: about
-8 minutes on 2 cores together.
+conf/experiment/learning_check.yaml (the demo's stage 1, 800 steps; see docs/learning.md); the negative controls
+start from its final weights. Marked `slow`: about 8 minutes on 2 cores together.
 """
 
 import json
@@ -65,10 +65,8 @@ def test_a_healthy_run_learns_time_and_text_and_raises_no_alarm(healthy):
     probes = final["probes"]
     for probe in ("time", "order", "text"):  # clearly positive: well above the alarm's bounds
         assert probes[f"{probe}_gap"] > 0.02 and probes[f"{probe}_gap"] > 5 * probes[f"{probe}_se"], probes
-    assert [r["step"] for r in rows if "val_loss" in r] == [100, 200, 300, 400, 500]
+    assert [r["step"] for r in rows if "val_loss" in r] == list(range(100, 801, 100))
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
-    at_200 = next(r for r in rows if r["step"] == 200)  # what the text control is compared with
-    assert at_200["probe_text_gap"] > 0.02 and at_200["probe_text_gap"] > 3 * at_200["probe_text_se"], at_200
 
 
 def test_the_learning_check_gets_the_direction_of_motion_right(healthy):
@@ -79,16 +77,23 @@ def test_the_learning_check_gets_the_direction_of_motion_right(healthy):
     }
 
 
-def test_time_removed_the_time_probes_raise_the_alarm(tmp_path, clips, monkeypatch):
-    # no temporal RoPE: the model cannot tell frame order (head_dim 64 = 0 + 32 + 32); the same 500 steps
-    run(tmp_path, clips, "model.axes_dim=[0,32,32]", monkeypatch=monkeypatch)
-    alarms = report(tmp_path)["alarms"]
+def control(healthy, tmp_path, clips, *overrides: str, monkeypatch) -> list[str]:
+    """A short run from the healthy run's final weights with one thing taken away: the alarms it ends with. The
+    healthy model had clear gaps with these very weights, so a gap that vanishes is the removal's doing."""
+    steps = ["steps=20", "eval.val_every=20", "eval.every=20", "eval.alarm_after=20", "ckpt_every=20"]
+    run(tmp_path, clips, f"init_from={healthy[0]}", *steps, *overrides, monkeypatch=monkeypatch)
+    return report(tmp_path)["alarms"]
+
+
+def test_time_removed_the_time_probes_raise_the_alarm(healthy, tmp_path, clips, monkeypatch):
+    # no temporal RoPE (head_dim 64 = 0 + 32 + 32): the model cannot tell one frame from another
+    alarms = control(healthy, tmp_path, clips, "model.axes_dim=[0,32,32]", monkeypatch=monkeypatch)
     assert any(a.startswith("time probe gap") for a in alarms), alarms
     assert any(a.startswith("order probe gap") for a in alarms), alarms
     assert not any(a.startswith("text probe gap") for a in alarms), alarms
 
 
-def test_text_removed_the_text_probe_raises_the_alarm(tmp_path, clips, monkeypatch):
+def test_text_removed_the_text_probe_raises_the_alarm(healthy, tmp_path, clips, monkeypatch):
     # a wrongly loaded encoder: every caption's features are the same (zeros), as are the empty prompt's
     from src.models.text import HFTextEncoder
 
@@ -96,14 +101,11 @@ def test_text_removed_the_text_probe_raises_the_alarm(tmp_path, clips, monkeypat
         return torch.zeros(len(captions), self.max_length, self.dim), torch.zeros(len(captions), self.pooled_dim)
 
     monkeypatch.setattr(HFTextEncoder, "forward", zeros)
-    # 200 steps: the healthy run's text gap is already clear there (tested above); the canary would refuse this encoder
-    run(tmp_path, clips, "text.canary=false", "steps=200", "eval.val_every=200", "eval.alarm_after=200",
-        monkeypatch=monkeypatch)  # fmt: skip
-    alarms = report(tmp_path)["alarms"]
+    alarms = control(healthy, tmp_path, clips, "text.canary=false", monkeypatch=monkeypatch)  # the canary refuses it
     assert any(a.startswith("text probe gap") for a in alarms), alarms
 
 
-def test_a_model_that_draws_black_video_raises_the_brightness_alarm_and_stops(tmp_path, clips, monkeypatch):
+def test_a_model_that_draws_black_video_raises_the_brightness_alarm_and_stops(healthy, tmp_path, clips, monkeypatch):
     from src.models.mmdit import MMDiT
 
     trained = MMDiT.forward
@@ -115,7 +117,7 @@ def test_a_model_that_draws_black_video_raises_the_brightness_alarm_and_stops(tm
 
     monkeypatch.setattr(MMDiT, "forward", black)
     with pytest.raises(LearningAlarm, match="brightness ratio 0.000"):
-        run(tmp_path, clips, "eval.alarms=stop", "steps=4", "eval.every=2", "eval.alarm_after=2", monkeypatch=monkeypatch)
+        control(healthy, tmp_path, clips, "eval.alarms=stop", monkeypatch=monkeypatch)
     final = report(tmp_path)
     assert any(a.startswith("brightness ratio") for a in final["alarms"]) and not final["healthy"]
     assert (tmp_path / "checkpoints" / "latest").is_file()  # the stopping step is checkpointed
