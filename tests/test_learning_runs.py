@@ -3,7 +3,7 @@ none, and a tiny run learns time, text and the direction of motion (the learning
 
 All in-process on the local engine (one process, the CPU's threads) over a freshly generated synthetic set, with
 conf/experiment/learning_check.yaml (the demo's stage 1, 800 steps; see docs/learning.md); the negative controls
-start from its final weights. Marked `slow`: about 8 minutes on 2 cores together.
+start from its final weights. Marked `slow`: about 12 minutes on 2 cores together (800 training steps at ~0.7 s).
 """
 
 import json
@@ -65,7 +65,7 @@ def test_a_healthy_run_learns_time_and_text_and_raises_no_alarm(healthy):
     probes = final["probes"]
     for probe in ("time", "order", "text"):  # clearly positive: well above the alarm's bounds
         assert probes[f"{probe}_gap"] > 0.02 and probes[f"{probe}_gap"] > 5 * probes[f"{probe}_se"], probes
-    assert [r["step"] for r in rows if "val_loss" in r] == list(range(100, 801, 100))
+    assert [r["step"] for r in rows if "val_loss" in r] == [400, 800]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
 
 
