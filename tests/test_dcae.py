@@ -14,6 +14,7 @@ from src.models.vae.dcae import VideoDCAE, tiled_apply
 from src.models.vae.dcae_blocks import LiteMLA, space_to_channels
 from src.models.weights import weights_sha256
 from tests.conftest import ROOT
+from tests.numerics import accumulation_length, rounding_atol
 
 # smaller than conf/vae/dcae_tiny.yaml, same structure: for the loading and tiling tests
 SMALL = dict(
@@ -57,6 +58,7 @@ def test_full_state_dict_equals_the_released_manifest():
     assert (model.spatial_compression, model.temporal_compression, model.latent_channels) == (32, 4, 128)
 
 
+@pytest.mark.numerics
 def test_tiny_shapes_and_round_trip_shapes(tiny):
     assert not tiny.training and not any(p.requires_grad for p in tiny.parameters())
     video = torch.rand(2, 3, 8, 64, 96) * 2 - 1
@@ -64,8 +66,14 @@ def test_tiny_shapes_and_round_trip_shapes(tiny):
     assert z.shape == (2, 128, 2, 2, 3) == (2, *tiny.latent_shape(8, 64, 96))
     assert z.dtype == torch.float32 and torch.isfinite(z).all()
     assert tiny.decode(z).shape == video.shape
-    # samples are independent of their batch
-    assert torch.allclose(tiny.encode(video[1:]), z[1:], atol=1e-5)
+    # samples are independent of their batch: alone, a clip's reductions only run in another order (kernels block a
+    # batch of 1 and of 2 differently), so its latent moves by at most k * eps * max|z| * sqrt(n) (tests/numerics.py),
+    # n the summed accumulation length of the encoder's convolutions, attention and norms: 18.8k, atol 1.0e-3 at
+    # max|z| 20.7, where mixing samples would move it by O(max|z|). Measured: 1.1e-5 (ATEN_CPU_CAPABILITY=default),
+    # 1.3e-5 (avx2, avx512).
+    alone = tiny.encode(video[1:])
+    n = accumulation_length(lambda: tiny.encode(video[1:]))
+    assert (alone - z[1:]).abs().max() <= rounding_atol(z, n)
     # an image (1 frame) is a 1-frame latent, decoded back to 1 frame
     image = video[:, :, :1]
     z1 = tiny.encode(image)
@@ -142,6 +150,7 @@ def test_provenance_without_building_equals_describe(tiny):
     assert VideoDCAE.provenance(**SMALL, tiling=False)["tiling"] is None
 
 
+@pytest.mark.numerics
 def test_blending_is_a_partition_of_unity():
     """With a local `fn` (no context across tiles) tiled == untiled, whatever the tile layout: ramps sum to 1."""
     video = torch.rand(1, 3, 40, 224, 160)
@@ -174,6 +183,7 @@ def test_tiling_exact_on_one_tile_and_shaped_on_many():
     assert video.shape == many.shape and torch.isfinite(video).all()
 
 
+@pytest.mark.numerics
 def test_linear_attention_equals_its_quadratic_form():
     torch.manual_seed(0)
     mla = LiteMLA(16, head_dim=4, scales=(3,))

@@ -20,6 +20,7 @@ def test_decay_warms_up_then_holds():
         ema_decay(1, 1.5)
 
 
+@pytest.mark.numerics
 def test_plain_engine_ema_matches_a_hand_computed_average_and_survives_save_load(tmp_path):
     torch.manual_seed(0)
     model = MMDiT(**tiny_model_kwargs())

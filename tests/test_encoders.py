@@ -7,6 +7,7 @@ from src.models.text import HFTextEncoder
 from src.models.vae.patch import PatchVAE
 
 
+@pytest.mark.numerics
 def test_patch_vae_is_an_exact_inverse():
     vae = PatchVAE(spatial=4, temporal=2, scaling_factor=0.5, shift_factor=0.1)
     video = torch.rand(2, 3, 6, 16, 12) * 2 - 1
@@ -43,6 +44,7 @@ def test_minilm_loads_real_weights_and_gives_meaningful_features(minilm):
     assert minilm.describe()["mask_convention"] == "attend_padding"
 
 
+@pytest.mark.numerics
 def test_text_features_do_not_depend_on_the_batch(minilm):
     alone = minilm(["a blue circle moves up"])[1]
     batched = minilm(["a blue circle moves up", "something much longer than the first caption, to pad"])[1][:1]

@@ -46,6 +46,7 @@ def test_logit_normal_is_sigmoid_of_a_normal():
     assert u.std().item() == pytest.approx(1.0, abs=0.01)
 
 
+@pytest.mark.numerics
 def test_noising_endpoints_and_velocity():
     x0, x1 = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     assert torch.allclose(add_noise(x0, x1, torch.zeros(2)), x0)
@@ -88,6 +89,7 @@ def test_text_dropout_rate():
         FlowMatching(text_dropout=1.5)
 
 
+@pytest.mark.numerics
 def test_time_grid_and_guidance():
     grid = time_grid(4, alpha=1.0)
     assert torch.allclose(grid, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
@@ -99,6 +101,7 @@ def test_time_grid_and_guidance():
         time_grid(0)
 
 
+@pytest.mark.numerics
 def test_euler_sampler_recovers_data_under_the_exact_velocity():
     # With v = x1 - x0 known exactly, Euler integration from x1 at t=1 lands on x0 at t=0.
     x0 = torch.randn(2, 3, 1, 2, 2)

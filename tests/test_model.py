@@ -59,6 +59,7 @@ def test_fresh_model_predicts_zero(tiny_model):
     assert tiny_model.final_layer.linear.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.numerics
 def test_cond_in_is_zero_initialised_and_optional():
     model = MMDiT(**tiny_model_kwargs(cond_channels=49))
     assert model.cond_in.weight.shape == (64, 49 * 4)
@@ -82,6 +83,7 @@ def test_patchify_round_trip_and_bad_shapes(tiny_model):
         tiny_model.patchify(torch.randn(1, 48, 2, 7, 8))
 
 
+@pytest.mark.numerics
 def test_rope_is_a_rotation_with_relative_positions():
     axes = [8, 12, 12]
     q, k = torch.randn(1, 2, 2, 32), torch.randn(1, 2, 2, 32)
@@ -106,6 +108,7 @@ def test_video_position_ids_are_row_major_t_h_w():
     assert ids[0, 0].tolist() == [0, 0, 0] and ids[0, 5].tolist() == [0, 1, 1] and ids[0, 23].tolist() == [1, 2, 3]
 
 
+@pytest.mark.numerics
 def test_model_is_permutation_sensitive_through_rope(tiny_model):
     # swapping two frames changes the prediction for them: positions are really used
     torch.manual_seed(1)
@@ -117,6 +120,7 @@ def test_model_is_permutation_sensitive_through_rope(tiny_model):
     assert not torch.allclose(out, out_swapped, atol=1e-4)
 
 
+@pytest.mark.numerics
 def test_activation_checkpointing_keeps_outputs_gradients_and_names(tiny_model):
     for p in tiny_model.parameters():
         p.data.normal_(0, 0.1)
@@ -133,6 +137,7 @@ def test_activation_checkpointing_keeps_outputs_gradients_and_names(tiny_model):
         apply_activation_checkpointing(ref, double=3)
 
 
+@pytest.mark.numerics
 def test_attention_backends():
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     with pytest.raises(ValueError, match="flash-attn"):

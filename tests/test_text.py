@@ -94,6 +94,7 @@ def minilm() -> HFTextEncoder:
 # ---------------------------------------------------------------------------------------------- T5 + CLIP
 
 
+@pytest.mark.numerics
 def test_t5_clip_shapes_mask_conventions_and_provenance(tiny_dirs):
     captions = ["a dog is running on the beach", "a cat"]
     attend = t5_clip(tiny_dirs, mask_convention="attend_padding")
