@@ -26,7 +26,7 @@ from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
 from src.curriculum import apply_transition, carry_moments
 from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
-from src.data.source import batch_features, bucket_latent_shapes  # noqa: F401  (re-exported for tests)
+from src.data.source import batch_features
 from src.evaluation import Evaluator, LearningAlarm, validation_set, write_stage_report
 from src.flops import peak_flops, step_flops
 from src.metrics import LossBreakdown, StepWindow, truncate_after

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from src.train import bucket_latent_shapes, check_compatible, check_patches
+from src.data.source import bucket_latent_shapes
+from src.train import check_compatible, check_patches
 from tests.conftest import ROOT
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))

@@ -42,9 +42,6 @@ class ValidationSet:
         if len(self.keys) < 2:
             raise ValueError(f"eval.val must be >= 2 clips (the text probe swaps captions), got {len(self.keys)}")
 
-    def to(self, device: torch.device | str) -> ValidationSet:
-        return ValidationSet(self.x0.to(device), self.txt.to(device), self.vec.to(device), self.keys, self.captions)
-
 
 def shuffled(frames: int, seed: int) -> torch.Tensor:
     """A fixed permutation of `frames` (> 1) frame indices that is not the identity."""
