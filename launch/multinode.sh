@@ -12,7 +12,8 @@
 #                   set (0..NNODES-1): static rendezvous, node NODE_RANK of NNODES, node 0 at MASTER_ADDR.
 #   MAX_RESTARTS    torchrun restarts of the worker group after a failure (default 0)
 #   KILN_DRY_RUN=1  print the torchrun command instead of running it
-# Network and NCCL settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) belong to the cluster: export them beforehand.
+# Network settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, GLOO_SOCKET_IFNAME: docs/cluster.md) belong to the cluster:
+# export them beforehand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NNODES=${NNODES:-1}

@@ -9,7 +9,7 @@
 #   MASTER_PORT     c10d rendezvous port on the first node of the allocation (default 29500)
 #   SRUN_ARGS       extra srun options, split on spaces (e.g. --container-image=... with pyxis)
 #   KILN_ENV_FILE   a file sourced before launching: the place for cluster settings (module loads, a virtual
-#                   environment, NCCL_*/network variables such as NCCL_SOCKET_IFNAME or NCCL_IB_HCA). Kiln sets
+#                   environment, network variables: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, GLOO_SOCKET_IFNAME). Kiln sets
 #                   none of these itself; exporting them before `sbatch` works as well.
 #   KILN_DRY_RUN=1  print the srun line, the torchrun line every node runs and the requeue command, run nothing
 #   KILN_TRAIN_CMD  for tests only: a bash command that srun runs instead of launch/multinode.sh + torchrun

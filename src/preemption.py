@@ -2,9 +2,9 @@
 
 A stop is requested by SIGUSR1 or SIGTERM to any rank, or by the file `RUN_DIR/STOP` (what `slurm/*.sh` touch
 when SLURM signals the batch script; torchrun does not forward SIGUSR1 to its workers, a shared file reaches every
-rank). The ranks agree on it after every step with one tiny all-reduce, so they all save the same step. That
-all-reduce runs on the CPU (gloo) even when training runs on NCCL: reading a GPU flag would make the host wait
-for the step's kernels every step.
+rank). The ranks agree on it after every step with one tiny all-reduce, so they all save the same step. The flag
+is a CPU tensor, so that all-reduce runs over the default group's gloo backend even when training runs on NCCL
+(`src.parallel.dist`): reading a GPU flag would make the host wait for the step's kernels every step.
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ class StopRequest:
 
     def __init__(self, run_dir: Path):
         self.file = Path(run_dir) / "STOP"
-        self.group = None  # the default group, when it is gloo already
-        if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo")  # a collective: every rank builds its StopRequest here
         self.signalled: int | None = None
         self.previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
 
@@ -45,7 +42,7 @@ class StopRequest:
     def requested(self) -> bool:
         flag = torch.tensor([float(self.signalled is not None or self.file.exists())])  # on the host
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # gloo: a CPU tensor
         return bool(flag.item())
 
     def reason(self) -> str:

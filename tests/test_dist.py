@@ -1,4 +1,5 @@
-"""Process-group helpers on 2 gloo ranks: ranks must agree on the run directory; loss means are global."""
+"""Process-group helpers on 2 gloo ranks: ranks must agree on the run directory; loss means and host counters are
+global. The backend chosen for a CUDA machine carries CPU tensors too (checked with torch.cuda mocked)."""
 
 import os
 
@@ -6,17 +7,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-pytestmark = pytest.mark.dist
-
 
 def _worker(rank: int, port: int, results) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    from src.parallel.dist import agree, all_mean, init_distributed, shutdown
+    from src.parallel.dist import agree, all_mean, all_sum_counts, init_distributed, shutdown
 
     info = init_distributed("gloo")
     out = {"rank": info.rank, "mean": all_mean(torch.tensor(float(rank + 1))).item()}
+    out["counts"] = all_sum_counts({"corrupt": rank + 1, "truncated": 10 * rank})
     agree("/runs/a", "run directory")
     try:
         agree(f"/runs/rank{rank}", "run directory")
@@ -26,6 +26,7 @@ def _worker(rank: int, port: int, results) -> None:
     shutdown()
 
 
+@pytest.mark.dist
 def test_ranks_agree_or_fail_naming_each_rank():
     from src.parallel.dist import _free_port
 
@@ -33,7 +34,41 @@ def test_ranks_agree_or_fail_naming_each_rank():
     mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
     for rank in (0, 1):
         assert results[rank]["mean"] == 1.5
+        assert results[rank]["counts"] == {"corrupt": 3, "truncated": 10}
         assert (
             results[rank]["error"]
             == "ranks disagree on the run directory: rank 0: '/runs/rank0', rank 1: '/runs/rank1'"
         )
+
+
+def test_backend_carries_cpu_tensors_wherever_cuda_is_used():
+    from src.parallel.dist import CPU_AND_CUDA, resolve_backend
+
+    assert resolve_backend("auto", cuda=True) == CPU_AND_CUDA == "cpu:gloo,cuda:nccl"
+    assert resolve_backend("auto", cuda=False) == "gloo"
+    assert resolve_backend("gloo", cuda=True) == "gloo"
+    with pytest.raises(ValueError, match="'nccl' cannot carry the CPU tensors.*use 'auto' or 'cpu:gloo,cuda:nccl'"):
+        resolve_backend("nccl", cuda=True)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_backend(CPU_AND_CUDA, cuda=False)
+    with pytest.raises(ValueError, match="dist_backend='mpi' is not one of"):
+        resolve_backend("mpi", cuda=True)
+
+
+def test_a_cuda_machine_joins_one_group_for_cpu_and_cuda_tensors(monkeypatch):
+    # torch.cuda and the process-group constructor mocked: what init_distributed asks for on a GPU node
+    import torch.distributed as dist
+
+    from src.parallel import dist as kiln_dist
+
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("device", index))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.setdefault("backend", backend))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    info = kiln_dist.init_distributed("auto")
+    assert calls == {"device": 3, "backend": "cpu:gloo,cuda:nccl"}
+    assert info.device == torch.device("cuda", 3) and info.rank == 3 and info.world_size == 8

@@ -1,4 +1,9 @@
-"""Process-group setup: NCCL on GPUs, gloo on CPU, chosen automatically from what the machine has.
+"""Process-group setup: one group that carries CPU tensors over gloo and, on GPUs, CUDA tensors over NCCL.
+
+Which collective runs where follows from the tensor's device, never from a copy made to please a backend:
+host-side values (skip counters, the stop flag, the sequence-parallel guard's hashes, picklable objects, barriers)
+are CPU tensors and go over gloo; training tensors (ZeRO-3's gathers and reductions, Ulysses' all-to-alls, the
+logged loss) stay on the GPU and go over NCCL. On a CPU-only machine both kinds run on gloo.
 
 With sequence parallelism (`parallel.sp_size` = S) the world of N ranks is N / S data-parallel groups of S
 consecutive ranks (consecutive: on one node, where the all-to-alls are fast). Every rank of a sequence-parallel
@@ -78,23 +83,44 @@ def sequence_group(sp_size: int) -> dist.ProcessGroup | None:
     return _SP_GROUPS[sp_size]
 
 
+CPU_AND_CUDA = "cpu:gloo,cuda:nccl"  # CPU tensors over gloo, CUDA tensors over NCCL, in one process group
+BACKENDS = ("auto", "gloo", CPU_AND_CUDA)
+
+
+def resolve_backend(backend: str, cuda: bool) -> str:
+    """The process-group backend string for `dist_backend`: "auto" is CPU_AND_CUDA with CUDA, else "gloo".
+
+    NCCL alone is refused: it has no CPU backend, and Kiln's host-side collectives (counters, the stop flag,
+    object gathers) would fail at their first call ("No backend type associated with device type cpu").
+    """
+    if backend == "auto":
+        return CPU_AND_CUDA if cuda else "gloo"
+    if backend == "nccl":
+        raise ValueError(
+            f"dist_backend='nccl' cannot carry the CPU tensors of Kiln's host-side collectives; use 'auto' or "
+            f"{CPU_AND_CUDA!r} (NCCL for CUDA tensors, gloo for CPU ones)"
+        )
+    if backend not in BACKENDS:
+        raise ValueError(f"dist_backend={backend!r} is not one of {BACKENDS}")
+    if backend == CPU_AND_CUDA and not cuda:
+        raise ValueError(f"dist_backend={backend!r} needs CUDA, and torch sees no CUDA device: use 'auto' or 'gloo'")
+    return backend
+
+
 def init_distributed(backend: str = "auto", sp_size: int = 1) -> DistInfo:
     """Join (or create) the default process group from torchrun's environment, and the sequence-parallel groups.
 
     A plain `python -m ...` run becomes a one-process group, so every engine sees the same world.
-    backend: "auto" (nccl with CUDA, else gloo), "nccl" or "gloo". sp_size: ranks per sequence-parallel group.
+    backend: one of BACKENDS (see `resolve_backend`). sp_size: ranks per sequence-parallel group.
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = resolve_backend(backend, torch.cuda.is_available())
     check_sp_size(sp_size, world)
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"process-group backend {backend!r} is not one of 'auto', 'nccl', 'gloo'")
-    if backend == "nccl":
+    if backend == CPU_AND_CUDA:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -115,7 +141,8 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def all_sum_counts(counts: dict[str, int]) -> dict[str, int]:
-    """Per-reason counters summed over ranks (every rank must pass the same keys in the same order)."""
+    """Per-reason counters summed over ranks (every rank must pass the same keys in the same order). A host
+    value: the CPU tensor goes over gloo whatever the training device."""
     values = torch.tensor(list(counts.values()), dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1 and len(values):
         dist.all_reduce(values)
