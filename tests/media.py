@@ -263,6 +263,7 @@ def make_media_folder(root: str | Path) -> dict:
 
     (root / "README.md").write_text("not media: the writer ignores it\n", encoding="utf-8")
     (root / "orphan.txt").write_text("a caption without a video\n", encoding="utf-8")
+    bad["orphan.txt"] = "no_media"  # listed, so that a video that never arrived is noticed
     codecs = sorted({entry["codec"] for entry in good.values() if entry["kind"] == "video"})
     return {
         "root": root,
@@ -270,7 +271,7 @@ def make_media_folder(root: str | Path) -> dict:
         "codecs": codecs,
         "good": good,
         "bad": bad,
-        "ignored": ["README.md", "orphan.txt"],
+        "ignored": ["README.md"],
     }
 
 

@@ -121,7 +121,7 @@ def test_every_planted_bad_input_is_rejected_with_its_reason(media: dict, writte
     assert got == media["bad"]
     assert all(set(r) == {"path", "reason", "detail"} and r["detail"] for r in rejects)
     listed = got.keys() | {Path(json.loads(s["json"])["source"]).name for s in read_shards(out, written[1]).values()}
-    assert not listed & set(media["ignored"])  # README.md and a caption without media are neither
+    assert not listed & set(media["ignored"])  # README.md is neither
 
 
 def test_index_counts_agree_with_the_shards_and_rejects(media: dict, written: tuple) -> None:
@@ -204,6 +204,17 @@ def test_a_rerun_replaces_stale_shards_and_leaves_no_temporary_files(media: dict
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "rejects.jsonl", "shard-000000.tar"]
 
 
+def test_a_second_prefix_into_the_same_folder_is_refused_and_changes_nothing(media: dict, tmp_path: Path) -> None:
+    first = write_shards(media["root"], tmp_path, workers=WORKERS, min_frames=media["min_frames"], prefix="a")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=f"{tmp_path} already holds shards not of prefix 'b' \\(a-000000.tar\\)"):
+        write_shards(media["root"], tmp_path, workers=WORKERS, min_frames=media["min_frames"], prefix="b")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert json.loads((tmp_path / "index.json").read_text()) == first
+    again = write_shards(media["root"], tmp_path, workers=WORKERS, min_frames=media["min_frames"], prefix="a")
+    assert again == first  # the same prefix still replaces its own shards
+
+
 def test_a_folder_of_only_bad_inputs_writes_no_shard_and_rejects_all(tmp_path: Path) -> None:
     source = tmp_path / "in"
     source.mkdir()
@@ -263,6 +274,8 @@ def test_csv_input_with_windows_missing_files_and_empty_captions(media: dict, tm
         "no_caption": 1,
         "too_short": 1,
         "missing": 1,
+        "bad_row": 0,
+        "no_media": 0,
     }
     assert index["totals"]["by_frames"]["2-16"] == len(samples) - 1  # windowed clips count their window
 
@@ -289,16 +302,54 @@ def test_jsonl_input_accepts_numbers_nulls_and_a_text_column(media: dict, tmp_pa
     assert "start" not in json.loads(samples[0]["json"])
 
 
+def test_bad_csv_rows_are_rejected_naming_row_and_value_while_the_rest_is_written(media: dict, tmp_path: Path) -> None:
+    good = media["root"] / "h264_24fps_64x48.mp4"
+    listing = tmp_path / "list.csv"
+    lines = [
+        "path,caption,start,end",
+        f"{good},first good row,,",
+        f"{good},ends before it starts,2,1",
+        f"{good},starts early,-1,",
+        f"{good},starts soon,soon,",
+        ",a caption without a video,,",
+        ",,,",
+        f"{good},last good row,0.25,",
+    ]
+    listing.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    index = write_shards(listing, tmp_path / "out", workers=1, min_frames=4)
+
+    captions = [s["txt"].decode() for s in read_shards(tmp_path / "out", index).values()]
+    assert captions == ["first good row", "last good row"]
+    rejects = [(r["reason"], r["detail"]) for r in read_rejects(tmp_path / "out")]
+    assert rejects == [
+        ("bad_row", f"{listing}: row 3: end=1.0 is not after start=2.0; expected end > start"),
+        ("bad_row", f"{listing}: row 4: start=-1.0 is negative; expected seconds >= 0"),
+        ("bad_row", f"{listing}: row 5: start='soon' is not a number"),
+        ("no_media", f"{listing}: row 6: caption 'a caption without a video' has no path"),
+        ("bad_row", f"{listing}: row 7: neither a path nor a caption"),
+    ]
+    assert index["totals"]["rejected"]["bad_row"] == 4 and index["totals"]["rejected"]["no_media"] == 1
+
+
+def test_bad_jsonl_lines_are_rejected_while_the_rest_is_written(media: dict, tmp_path: Path) -> None:
+    good = str(media["root"] / "still_64x48.png")
+    listing = tmp_path / "list.jsonl"
+    lines = [json.dumps({"path": good, "caption": "kept"}), "not json", '["a.mp4", "x"]', '{"file": "a.mp4"}']
+    listing.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    index = write_shards(listing, tmp_path / "out", workers=1)
+    assert index["totals"]["samples"] == 1
+    rejects = read_rejects(tmp_path / "out")
+    assert [(r["path"], r["reason"]) for r in rejects] == [(str(listing), "bad_row")] * 3
+    assert "line 2 is not valid JSON" in rejects[0]["detail"]
+    assert "line 3 is list, expected a JSON object" in rejects[1]["detail"]
+    assert "line 4 has columns ['file']; expected 'path' and 'caption'" in rejects[2]["detail"]
+
+
 @pytest.mark.parametrize(
     ("suffix", "content", "message"),
     [
         (".csv", "file,caption\na.mp4,x\n", "expected 'path' and 'caption'"),
-        (".csv", "path,caption,start\na.mp4,x,soon\n", "start='soon' is not a number"),
-        (".csv", "path,caption,start,end\na.mp4,x,2,1\n", "end=1.0 is not after start=2.0"),
-        (".csv", "path,caption,start\na.mp4,x,-1\n", "start=-1.0 is negative"),
         (".csv", "path,caption\n", "has no rows"),
-        (".jsonl", '{"path": "a.mp4", "caption": "x"}\nnot json\n', "line 2 is not valid JSON"),
-        (".jsonl", '["a.mp4", "x"]\n', "line 1 is list, expected a JSON object"),
         (".txt", "a.mp4\n", "neither a folder nor a list file"),
     ],
 )
@@ -365,6 +416,8 @@ def test_probe_raises_probe_errors_with_reasons_for_planted_bad_files(media: dic
     for name, reason in media["bad"].items():
         if reason in ("no_caption", "too_short"):  # properties of the sample, not of the file
             assert probe(media["root"] / name)["kind"] == "video"
+            continue
+        if reason == "no_media":  # a caption file: found by the folder walk, never probed
             continue
         with pytest.raises(ProbeError) as caught:
             probe(media["root"] / name)

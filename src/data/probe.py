@@ -21,7 +21,17 @@ import av
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 MEDIA_EXTENSIONS: frozenset[str] = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
-REJECT_REASONS: tuple[str, ...] = ("unreadable", "truncated", "no_caption", "too_short", "missing")
+# the last two come from the input list, not the file: a list row that cannot be read (bad_row) and a caption
+# without a video or image beside it (no_media)
+REJECT_REASONS: tuple[str, ...] = (
+    "unreadable",
+    "truncated",
+    "no_caption",
+    "too_short",
+    "missing",
+    "bad_row",
+    "no_media",
+)
 _PYAV_ERRORS = (av.FFmpegError, OSError, EOFError, ValueError, IndexError, KeyError, RuntimeError, TypeError)
 
 

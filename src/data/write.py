@@ -14,9 +14,11 @@ rate, exact frame count, duration). A video must be as long as its container hea
 the end (so truncated downloads are caught) and its first frame must decode; ``--full-decode`` decodes
 every frame instead.
 Bad inputs never stop the run: each is recorded in ``OUTPUT_DIR/rejects.jsonl`` with one of the reasons
-in REJECT_REASONS. Good samples are written in input order to ``OUTPUT_DIR/{prefix}-000000.tar``, ...
+in REJECT_REASONS, list rows that cannot be used (``bad_row``) and captions without media (``no_media``)
+included. Good samples are written in input order to ``OUTPUT_DIR/{prefix}-000000.tar``, ...
 as ``{key}.{ext}`` (the original bytes, untouched), ``{key}.txt`` (the caption) and ``{key}.json``
 (the probe), with keys ``{index:09d}``; ``OUTPUT_DIR/index.json`` lists the shards and dataset totals.
+One folder holds one prefix: shards of another prefix there are refused, not mixed.
 Shards are byte-for-byte reproducible: same input, same tars.
 """
 
@@ -86,6 +88,8 @@ class InputItem:
 
     `caption` is None when there is none (no .txt file, an unreadable one, or no caption cell);
     `note` then says why. `start` / `end` are seconds, `fps` the frame rate a list row asked for.
+    `reject` is (reason, detail) for an input refused before probing: a list row that cannot be read
+    (bad_row) or a caption without media (no_media); `path` is then the list or the caption file.
     """
 
     path: Path
@@ -94,6 +98,7 @@ class InputItem:
     end: float | None = None
     fps: float | None = None
     note: str = ""
+    reject: tuple[str, str] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,8 +140,10 @@ def _format_size(num_bytes: int) -> str:
 def collect_inputs(input: str | Path) -> list[InputItem]:
     """List the candidate samples of INPUT (a media folder, or a .csv / .jsonl list) in write order.
 
-    Folders are searched recursively and sorted by relative path; lists keep their row order.
-    Raises ValueError if INPUT does not exist, is of another kind, is malformed, or yields no file.
+    Folders are searched recursively and sorted by relative path, captions without media after them; lists
+    keep their row order. A row that cannot be used (no path, bad numbers, invalid JSON) becomes an item
+    with `reject` set, so that one bad row never stops the writer. Raises ValueError if INPUT does not
+    exist, is of another kind, has no usable header (CSV), or yields no file.
     """
     path = Path(input)
     if not path.exists():
@@ -159,14 +166,28 @@ def collect_inputs(input: str | Path) -> list[InputItem]:
 
 
 def _collect_folder(root: Path) -> list[InputItem]:
-    """Every media file under `root` with its same-named .txt caption, sorted by relative path."""
+    """Every media file under `root` with its same-named .txt caption, sorted by relative path, then every
+    .txt caption that no media file uses (rejected as no_media: a video that never arrived is reported)."""
     files = [p for p in root.rglob("*") if p.suffix.lower() in MEDIA_EXTENSIONS and p.is_file()]
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     items = []
     for file in files:
         caption, note = _read_caption(file.with_suffix(".txt"))
         items.append(InputItem(path=file, caption=caption, note=note))
+    if items:
+        items += _orphan_captions(root, {file.with_suffix("") for file in files})
     return items
+
+
+def _orphan_captions(root: Path, media_stems: set[Path]) -> list[InputItem]:
+    """The .txt files under `root` whose name matches no media file (`media_stems`: media paths without suffix)."""
+    captions = [p for p in root.rglob("*.txt") if p.is_file() and p.with_suffix("") not in media_stems]
+    captions.sort(key=lambda p: p.relative_to(root).as_posix())
+    wanted = ", ".join(sorted(MEDIA_EXTENSIONS))
+    return [
+        InputItem(path, None, reject=("no_media", f"a caption without a video or image named {path.stem} ({wanted})"))
+        for path in captions
+    ]
 
 
 def _read_caption(path: Path) -> tuple[str | None, str]:
@@ -190,22 +211,30 @@ def _read_csv(path: Path) -> list[tuple[str, dict[str, Any]]]:
         return [(f"{path}: row {number}", row) for number, row in enumerate(reader, start=2)]
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """("PATH: line N", object) for each non-blank line of a JSON-lines file."""
-    rows = []
+def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any] | ValueError]]:
+    """("PATH: line N", object) for each non-blank line of a JSON-lines file; a ValueError saying what is wrong
+    in place of the object for a line that is not a JSON object with the needed keys."""
+    rows: list[tuple[str, dict[str, Any] | ValueError]] = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({exc}): {line.strip()[:80]!r}") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {number} is {type(row).__name__}, expected a JSON object")
-            _check_columns(path, list(row), number)
-            rows.append((f"{path}: line {number}", row))
+            if line.strip():
+                rows.append((f"{path}: line {number}", _parse_jsonl_line(path, number, line)))
     return rows
+
+
+def _parse_jsonl_line(path: Path, number: int, line: str) -> dict[str, Any] | ValueError:
+    """One JSON-lines row as a dict, or the ValueError naming the line and its problem."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return ValueError(f"{path}: line {number} is not valid JSON ({exc}): {line.strip()[:80]!r}")
+    if not isinstance(row, dict):
+        return ValueError(f"{path}: line {number} is {type(row).__name__}, expected a JSON object")
+    try:
+        _check_columns(path, list(row), number)
+    except ValueError as exc:
+        return exc
+    return row
 
 
 def _check_columns(path: Path, columns: Sequence[str], line: int | None = None) -> None:
@@ -215,16 +244,36 @@ def _check_columns(path: Path, columns: Sequence[str], line: int | None = None) 
         raise ValueError(f"{where} has columns {list(columns)}; expected 'path' and 'caption' (or 'text')")
 
 
-def _row_item(list_path: Path, where: str, row: dict[str, Any]) -> InputItem:
-    """The InputItem for one list row (`where` names it in errors); relative paths are against the list's folder."""
+def _row_item(list_path: Path, where: str, row: dict[str, Any] | ValueError) -> InputItem:
+    """The InputItem for one list row (`where` names it); relative paths are against the list's folder.
+
+    A row that cannot be used gives an item with `reject` set: no_media for a caption without a path,
+    bad_row (naming the row and the value) for anything else.
+    """
+    if isinstance(row, ValueError):
+        return InputItem(list_path, None, reject=("bad_row", str(row)))
+    raw_caption = row["caption"] if row.get("caption") is not None else row.get("text")
+    caption = str(raw_caption).strip() if raw_caption is not None else None
     raw_path = row.get("path")
-    if not isinstance(raw_path, str) or not raw_path.strip():
-        raise ValueError(f"{where}: path {raw_path!r} is not a file path")
+    if raw_path is None or (isinstance(raw_path, str) and not raw_path.strip()):
+        if caption:
+            return InputItem(list_path, None, reject=("no_media", f"{where}: caption {caption[:80]!r} has no path"))
+        return InputItem(list_path, None, reject=("bad_row", f"{where}: neither a path nor a caption"))
+    if not isinstance(raw_path, str):
+        return InputItem(list_path, None, reject=("bad_row", f"{where}: path {raw_path!r} is not a file path"))
     file = Path(raw_path.strip())
     if not file.is_absolute():
         file = list_path.parent / file
-    raw_caption = row["caption"] if row.get("caption") is not None else row.get("text")
-    caption = str(raw_caption).strip() if raw_caption is not None else None
+    try:
+        start, end, fps = _row_numbers(row, where)
+    except ValueError as exc:
+        return InputItem(file, caption, reject=("bad_row", str(exc)))
+    note = "" if caption else "empty caption cell" if caption == "" else "no caption cell"
+    return InputItem(path=file, caption=caption, start=start, end=end, fps=fps, note=note)
+
+
+def _row_numbers(row: dict[str, Any], where: str) -> tuple[float | None, float | None, float | None]:
+    """A row's (start, end, fps), each None when absent; ValueError naming the row and the bad value."""
     start = _optional_number(row.get("start"), "start", where)
     end = _optional_number(row.get("end"), "end", where)
     fps = _optional_number(row.get("fps"), "fps", where)
@@ -236,8 +285,7 @@ def _row_item(list_path: Path, where: str, row: dict[str, Any]) -> InputItem:
         raise ValueError(f"{where}: end={end} must be > 0 seconds")
     if fps is not None and fps <= 0:
         raise ValueError(f"{where}: fps={fps} must be > 0")
-    note = "" if caption else "empty caption cell" if caption == "" else "no caption cell"
-    return InputItem(path=file, caption=caption, start=start, end=end, fps=fps, note=note)
+    return start, end, fps
 
 
 def _optional_number(value: Any, name: str, where: str) -> float | None:
@@ -271,6 +319,8 @@ def _process(item: InputItem, min_frames: int, full_decode: bool = False) -> dic
 
 def _sample_meta(item: InputItem, min_frames: int, full_decode: bool) -> dict[str, Any]:
     """The `{key}.json` of a good input; raises ProbeError for a bad one."""
+    if item.reject is not None:
+        raise ProbeError(*item.reject)
     if not item.path.exists():
         raise ProbeError("missing", f"no such file: {item.path}")
     if not item.caption:
@@ -456,9 +506,28 @@ def _write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _shard_pattern(prefix: str) -> re.Pattern[str]:
+    """File names of this prefix's shards, finished or being written."""
+    return re.compile(rf"{re.escape(prefix)}-\d{{6,}}\.tar(\.tmp)?")
+
+
+def _refuse_other_prefixes(output_dir: Path, prefix: str) -> None:
+    """Raise ValueError if `output_dir` holds shards of another prefix: index.json and rejects.jsonl describe
+    one write, and the keys of a second one would repeat the first's (000000000, ...)."""
+    pattern = _shard_pattern(prefix)
+    others = sorted(p.name for p in output_dir.glob("*.tar") if not pattern.fullmatch(p.name))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ValueError(
+            f"{output_dir} already holds shards not of prefix {prefix!r} ({shown}); writing here would replace "
+            "their index.json and rejects.jsonl and repeat their sample keys. Write into a folder of its own "
+            "(a run reads several: data.urls='[DIR_A,DIR_B]'), or reuse their prefix to replace them"
+        )
+
+
 def _remove_stale_shards(output_dir: Path, prefix: str, keep: set[str]) -> list[str]:
     """Delete `{prefix}-NNNNNN.tar` shards left by an earlier, longer run into the same folder."""
-    pattern = re.compile(rf"{re.escape(prefix)}-\d{{6,}}\.tar(\.tmp)?")
+    pattern = _shard_pattern(prefix)
     stale = sorted(p.name for p in output_dir.iterdir() if pattern.fullmatch(p.name) and p.name not in keep)
     for name in stale:
         (output_dir / name).unlink()
@@ -497,7 +566,7 @@ def write_shards(
         input: a media folder (searched recursively, captions in same-named .txt files) or a .csv /
             .jsonl list with path, caption and optional start, end, fps columns.
         output_dir: where shards, index.json and rejects.jsonl go (created if needed). Shards of the
-            same prefix left there by an earlier run are replaced.
+            same prefix left there by an earlier run are replaced; shards of another prefix are refused.
         shard_size: the largest shard, in bytes or as parse_size text ("1GB"); a shard holds at
             least one sample even if that sample alone is larger.
         workers: probing processes; default: the CPUs available.
@@ -507,7 +576,8 @@ def write_shards(
         full_decode: decode every frame of every video (slow; catches damage mid-stream), see `probe`.
 
     Returns:
-        The index.json dict. Raises ValueError for bad arguments or an input that yields no file.
+        The index.json dict. Raises ValueError for bad arguments, an input that yields no file, or an
+        output folder holding another prefix's shards.
 
     With workers > 1 the probes run in spawned processes, so a script calling this needs the usual
     `if __name__ == "__main__":` guard.
@@ -518,6 +588,7 @@ def write_shards(
     items = collect_inputs(input)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    _refuse_other_prefixes(output, prefix)
     writer = _ShardWriter(output, prefix, max_bytes)
     metas: list[dict[str, Any]] = []
     rejects: list[dict[str, str]] = []
