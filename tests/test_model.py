@@ -152,6 +152,71 @@ def test_attention_backends():
     assert torch.allclose(attention(q, k, v, "sdpa"), expected, atol=1e-5)
 
 
+def _fake_flash_attn(calls: list) -> object:
+    """A stand-in `flash_attn` module whose kernel refuses fp32, as the real one does."""
+    import types
+
+    def flash_attn_func(q, k, v):
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+        calls.append(q.dtype)
+        return torch.zeros_like(q)
+
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func)
+
+
+def test_auto_never_hands_fp32_to_flash_attn(monkeypatch):
+    # flash-attn "installed" and the tensors treated as on CUDA: fp32 must go to SDPA, bf16 to the flash kernel
+    import sys
+
+    import src.models.attention as attn
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn(calls))
+    monkeypatch.setattr(attn, "flash_available", lambda device: True)
+    q, k, v = (torch.randn(1, 5, 2, 8) for _ in range(3))
+    assert resolve_backend("auto", q.device, torch.float32) == "sdpa"
+    expected = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+    assert torch.equal(attention(q, k, v, "auto"), expected.transpose(1, 2))
+    assert calls == []
+    attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), "auto")
+    assert calls == [torch.bfloat16]
+    with pytest.raises(ValueError, match="'flash' takes fp16 or bf16 tensors, got torch.float32"):
+        attention(q, k, v, "flash")
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """torch.cuda mocked as one compute-capability-9.0 GPU with cuDNN, no flash-attn; returns a cuDNN setter."""
+    import src.models.attention as attn
+
+    monkeypatch.setattr(attn, "HAS_FLASH_ATTN", False)
+    monkeypatch.setattr(attn, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    return lambda version: monkeypatch.setattr(torch.backends.cudnn, "version", lambda: version)
+
+
+def test_cudnn_attention_is_forced_only_where_its_cudnn_takes_the_length(hopper):
+    cuda = torch.device("cuda", 0)
+    hopper(91000)  # cuDNN 9.10, the image's: wrong for lengths not divisible by 128
+    assert resolve_backend("auto", cuda, torch.bfloat16, 4096) == "cudnn"
+    assert resolve_backend("auto", cuda, torch.bfloat16, 19520) == "sdpa"  # 384px x 129 frames: 19008 + 512 text
+    assert resolve_backend("auto", cuda, torch.bfloat16, 8828) == "sdpa"  # 256px 16:9 x 129 frames: 8316 + 512
+    with pytest.raises(ValueError, match="cuDNN 91000 computes wrong attention for 8828 tokens.*fixed in cuDNN 9.15"):
+        resolve_backend("cudnn", cuda, torch.bfloat16, 8828)
+    assert resolve_backend("cudnn", cuda, torch.bfloat16, 4096) == "cudnn"
+    hopper(91500)  # 9.15: any length
+    assert resolve_backend("auto", cuda, torch.bfloat16, 8828) == "cudnn"
+    assert resolve_backend("cudnn", cuda, torch.bfloat16, 19520) == "cudnn"
+
+
+def test_cudnn_attention_needs_hopper(hopper, monkeypatch):
+    hopper(91500)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_backend("auto", torch.device("cuda", 0), torch.bfloat16, 4096) == "sdpa"
+
+
 def test_bad_model_configs_are_refused():
     with pytest.raises(ValueError, match="divisible by heads"):
         MMDiT(**tiny_model_kwargs(heads=3))
