@@ -107,12 +107,15 @@ class StepWindow:
         self.steps += 1
 
     def row(self, step: int, lr: float, grad_norm, samples_seen: int) -> dict:
+        # Reading the loss (and the gradient norm) to the host waits for every kernel queued before it: the window's
+        # only synchronisation. The clock is read after it, so the window's time includes all of its device work.
+        loss, grad_norm = all_mean(self.loss_sum / self.steps).item(), float(grad_norm)
         elapsed = time.perf_counter() - self.start
         row = {
             "step": step,
-            "loss": all_mean(self.loss_sum / self.steps).item(),
+            "loss": loss,
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "samples_per_s": self.samples / elapsed,
             "tokens_per_s": self.tokens / elapsed,
             "step_time_s": elapsed / self.steps,

@@ -52,3 +52,37 @@ def test_step_window_throughput_and_mfu():
     unknown = StepWindow(torch.device("cpu"))  # no peak for the device: no MFU, never a guessed one
     unknown.add(torch.tensor(0.5), data_wait=0.0, samples=1, tokens=1, flops=1.0)
     assert unknown.row(1, 0.0, 0.0, 1)["mfu"] is None
+
+
+class _DeviceClock:
+    """A fake perf_counter and a fake device: reading a value to the host waits `pending` seconds of queued work."""
+
+    def __init__(self):
+        self.now, self.pending = 100.0, 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def synchronise(self, value: torch.Tensor) -> torch.Tensor:
+        self.now += self.pending  # the host blocks until the queued kernels are done
+        self.pending = 0.0
+        return value
+
+
+def test_step_window_counts_the_device_work_still_queued_when_it_ends(monkeypatch):
+    # a GPU returns from each step's launches at once; its kernels finish later. The window's time must run until
+    # the loss read at the row has waited for them, not stop at the last launch.
+    import src.metrics as metrics
+
+    clock = _DeviceClock()
+    monkeypatch.setattr(metrics.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(metrics, "all_mean", clock.synchronise)
+    window = StepWindow(torch.device("cpu"), world_size=1, peak_flops=1e12)
+    for _ in range(2):
+        clock.now += 0.1  # the host launches the step's kernels
+        clock.pending += 0.9  # ... which the device runs afterwards
+        window.add(torch.tensor(0.5), data_wait=0.0, samples=4, tokens=400, flops=2e9)
+    row = window.row(step=2, lr=1e-4, grad_norm=torch.tensor(1.0), samples_seen=8)
+    assert row["step_time_s"] == pytest.approx(1.0)  # 0.1 s of launches + 0.9 s of device work per step
+    assert row["tokens_per_s"] == pytest.approx(800 / 2.0)
+    assert row["mfu"] == pytest.approx(4e9 / 2.0 / 1e12)
