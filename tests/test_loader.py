@@ -304,3 +304,45 @@ def test_shards_without_probes_are_probed_like_the_writer_does(shards, tmp_path)
     meta = found[0].samples[0].meta
     assert (meta["frames"], meta["width"], meta["height"], meta["codec"]) == (FRAMES, SIZE, SIZE, "h264")
     assert meta["fps"] == pytest.approx(8.0)
+
+
+def repeated_frames(clip: torch.Tensor) -> int:
+    """How many frames of a (3, T, H, W) clip equal the frame before them."""
+    return sum(torch.equal(clip[:, t], clip[:, t + 1]) for t in range(clip.shape[1] - 1))
+
+
+def test_a_list_fps_column_is_the_videos_frame_rate_for_windows_bucketing_and_sampling(tmp_path):
+    from src.data.catalog import MemberReader
+    from src.data.shards import ClipOptions
+    from src.data.write import write_shards
+    from tests.media import make_video
+
+    video = str(make_video(tmp_path / "clip.mp4", fps=8, frames=16))  # muxed at 8 fps, declared 16 below
+    rows = [
+        {"path": video, "caption": "as muxed"},
+        {"path": video, "caption": "shot at 16 fps", "fps": 16},
+        {"path": video, "caption": "its second half", "fps": 16, "start": 0.5},
+        {"path": video, "caption": "the container's rate, confirmed", "fps": 8.004},
+    ]
+    (tmp_path / "list.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_shards(tmp_path / "list.jsonl", tmp_path / "shards", workers=1)
+    [shard], skips = scan_shards(expand_urls(tmp_path / "shards"))
+    assert not skips
+    muxed, declared, half, confirmed = (s.meta for s in shard.samples)
+    assert (muxed["fps"], muxed["duration"], "container_fps" in muxed) == (8.0, 2.0, False)
+    assert (declared["fps"], declared["container_fps"], declared["duration"]) == (16.0, 8.0, 1.0)
+    assert half["window_frames"] == 8  # [0.5 s, end) is frames 8-15 at 16 fps (12 frames at the container's 8)
+    assert (confirmed["fps"], "container_fps" in confirmed) == (8.0, False)
+
+    clips = ClipOptions(fps=16.0)
+    assert clips.can_supply(muxed, 32) and not clips.can_supply(declared, 32)  # 2 s of video, or 1 s
+    reader = MemberReader()
+
+    def decode(sample: int, frames: int) -> torch.Tensor:
+        return clips.decode(reader, shard, shard.samples[sample], Bucket("x", frames, 48, 64, 1), "seed")[0]
+
+    as_muxed, at_16, second_half = decode(0, 16), decode(1, 16), decode(2, 8)
+    reader.close()
+    assert repeated_frames(as_muxed) == 8  # 8 fps sampled at 16: every frame twice
+    assert repeated_frames(at_16) == 0  # the declared rate: 16 consecutive frames
+    assert torch.equal(second_half, at_16[:, 8:])  # the window measured on the declared clock

@@ -234,7 +234,7 @@ def test_csv_input_with_windows_missing_files_and_empty_captions(media: dict, tm
     root = media["root"]
     relative = Path(os.path.relpath(root, tmp_path))  # relative paths resolve against the CSV's folder
     rows = [
-        {"path": relative / "h264_24fps_64x48.mp4", "caption": "a window", "start": "0.25", "end": "0.5", "fps": "8"},
+        {"path": relative / "h264_24fps_64x48.mp4", "caption": "a window", "start": "0.25", "end": "0.5", "fps": "24"},
         {"path": relative / "mpeg4_30fps_64x64.mkv", "caption": "too short", "start": "0.5", "end": "0.6"},
         {"path": relative / "no_such_clip.mp4", "caption": "gone"},
         {"path": relative / "h264_30fps_48x64.mp4", "caption": "  "},
@@ -261,7 +261,8 @@ def test_csv_input_with_windows_missing_files_and_empty_captions(media: dict, tm
     metas = {Path(meta["source"]).name: meta for meta in samples}
     assert list(metas)[:3] == ["h264_24fps_64x48.mp4", "h264_8fps_96x54.mp4", "still_64x48.png"]  # row order
     window = metas["h264_24fps_64x48.mp4"]
-    assert (window["start"], window["end"], window["window_frames"], window["target_fps"]) == (0.25, 0.5, 6, 8.0)
+    assert (window["start"], window["end"], window["window_frames"], window["fps"]) == (0.25, 0.5, 6, 24.0)
+    assert "container_fps" not in window  # the row's fps agrees with the container's: nothing to override
     assert window["frames"] == 20  # the whole file's count is kept alongside the window's
     open_ended = metas["h264_8fps_96x54.mp4"]
     assert open_ended["start"] == 0.5 and "end" not in open_ended and open_ended["window_frames"] == 8

@@ -52,6 +52,11 @@ def write_skips(skip_dir: str | Path | None, name: str, skips: Sequence[Skip]) -
 DECODE_FAILURES = ("decode_error", "too_short", "bad_caption", "read_error")
 
 
+def declared_fps(meta: Mapping) -> float | None:
+    """The frame rate a list row declared over the container's (`container_fps` kept beside it), else None."""
+    return float(meta["fps"]) if "container_fps" in meta else None
+
+
 def clip_window(meta: Mapping) -> tuple[float, float] | None:
     """(start, end) seconds of a cut made by the shard writer (either end may be missing), or None."""
     if "start" not in meta and "end" not in meta:
@@ -99,6 +104,7 @@ class ClipOptions:
             window=clip_window(sample.meta),
             rng=random.Random(rng_seed),
             crop=self.crop,
+            source_fps=declared_fps(sample.meta),
         )  # (3, T, H, W)
         return video, caption
 

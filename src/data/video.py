@@ -65,6 +65,7 @@ def decode_clip(
     window: tuple[float, float] | None = None,
     rng: random.Random | None = None,
     crop: str = "center",
+    source_fps: float | None = None,
 ) -> torch.Tensor:
     """Decode a training clip from in-memory video (or image) bytes, decoding only the part it needs.
 
@@ -88,6 +89,9 @@ def decode_clip(
             where the whole clip fits in the window (then the crop offsets are drawn, for crop="random").
             Without it the clip starts at the window's first frame (frame 0 without a window).
         crop: "center", or "random" for a crop position drawn uniformly with `rng`.
+        source_fps: the video's frame rate when its container states none or a wrong one (a list's `fps`
+            column, see `src.data.write`): fps, start and window are turned into source frames at this rate.
+            Frame k is still the container's k-th frame; None uses the container's rate.
 
     Returns:
         float32 tensor of shape (3, num_frames, height, width) with values in [-1, 1].
@@ -97,7 +101,7 @@ def decode_clip(
             short for the clip; the message says how many frames it has and how many are needed.
         ValueError: a size is not positive, or fps, start, window or crop is invalid.
     """
-    request = _check_request(num_frames, height, width, frame_stride, fps, start, window)
+    request = _check_request(num_frames, height, width, frame_stride, fps, start, window, source_fps)
     _check_crop(crop, rng)
     decode = _decode_image_clip if is_image(data) else _decode_video
     frames = decode(data, request, rng)  # T x (h, w, 3) uint8
@@ -207,10 +211,10 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _check_fps(fps: float) -> None:
-    """ValueError unless the target frame rate is a positive finite number."""
+def _check_fps(fps: float, name: str = "fps") -> None:
+    """ValueError unless the frame rate `name` is a positive finite number."""
     if not math.isfinite(fps) or fps <= 0:
-        raise ValueError(f"fps must be a positive number or None, got {fps}")
+        raise ValueError(f"{name} must be a positive number or None, got {fps}")
 
 
 def _check_window(window: tuple[float, float]) -> None:
@@ -227,11 +231,13 @@ def _check_request(
     fps: float | None,
     start: float | None,
     window: tuple[float, float] | None,
+    source_fps: float | None = None,
 ) -> _Request:
     """Validate `decode_clip`'s arguments (ValueError naming the bad one) and bundle the frame selection."""
     _check_positive(num_frames=num_frames, height=height, width=width, frame_stride=frame_stride)
-    if fps is not None:
-        _check_fps(fps)
+    for name, rate in (("fps", fps), ("source_fps", source_fps)):
+        if rate is not None:
+            _check_fps(rate, name)
     if window is not None:
         _check_window(window)
         window = (float(window[0]), float(window[1]))
@@ -240,7 +246,7 @@ def _check_request(
             raise ValueError(f"start must be >= 0 seconds, got {start}")
         if window is not None and not window[0] <= start < window[1]:
             raise ValueError(f"start {start} s is outside the window [{window[0]}, {window[1]}) s")
-    return _Request(num_frames, frame_stride, fps, start, window)
+    return _Request(num_frames, frame_stride, fps, start, window, source_fps)
 
 
 def _check_crop(crop: str, rng: random.Random | None) -> None:

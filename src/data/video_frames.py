@@ -50,6 +50,7 @@ class _Request:
     fps: float | None
     start: float | None
     window: tuple[float, float] | None
+    source_fps: float | None = None  # the video's declared frame rate, over its container's (see `_plan`)
 
     def describe(self, start_frame: int | None = None) -> str:
         """The request for error messages, e.g. "num_frames=7, frame_stride=2, fps=15, from frame 40"."""
@@ -127,14 +128,18 @@ def _window_frames(window: tuple[float, float] | None, source_fps: float, total:
 def _plan(request: _Request, clock: _Clock, rng: random.Random | None, count_frames: Callable[[], int]) -> list[int]:
     """The source frame index of every clip frame (non-decreasing).
 
+    Times (fps, start, window) become frame indices at `request.source_fps` when it is given (a frame rate
+    declared for a container that has none or a wrong one), else at the stream's own rate; decoded frames are
+    still placed by the stream's timestamps, which number them whatever rate they claim.
     Raises VideoDecodeError when the window, or the video as far as its metadata tells, is too short.
     """
     n, stride, fps = request.num_frames, request.frame_stride, request.fps
-    if clock.rate is None:
+    rate = request.source_fps or clock.rate
+    if rate is None:
         if fps is not None or request.start or request.window is not None or rng is not None:
             raise VideoDecodeError("video has no frame rate, so it cannot be sampled by time or seeked")
         return [i * stride for i in range(n)]
-    source_fps = float(clock.rate)
+    source_fps = float(rate)
     span = _clip_span(n, stride, fps, source_fps)
     first, window_end = _window_frames(request.window, source_fps, None)
     if request.start is not None:

@@ -6,8 +6,10 @@
 INPUT is either a folder, searched recursively for videos (.mp4 .mov .mkv .webm .avi .m4v) and images
 (.jpg .jpeg .png .webp) each captioned by a same-named ``.txt`` file, or a ``.csv`` / ``.jsonl`` file with
 ``path`` and ``caption`` columns (``text`` is accepted for ``caption``) and optional ``start`` / ``end``
-(seconds: the clip to train on) and ``fps`` (passed through as ``target_fps``). Relative paths in a
-list are relative to the list's folder.
+(seconds: the clip to train on) and ``fps`` (the video's frame rate: where the container states none, or
+one more than 0.1% off, the row's rate is the sample's ``fps``, the container's is kept as ``container_fps``,
+and times, windows and clip sampling follow the row's). Relative paths in a list are relative to the list's
+folder.
 
 Every file is probed with PyAV (see src.data.probe) in a pool of worker processes (codec, size, frame
 rate, exact frame count, duration). A video must be as long as its container headers say and demux to
@@ -59,6 +61,7 @@ FRAME_BUCKETS: tuple[tuple[str, int, int | None], ...] = (
     ("129+", 129, None),
 )
 DEFAULT_SHARD_SIZE = "1GB"
+FPS_AGREEMENT = 1e-3  # a list's fps this close (relatively) to the container's confirms it
 CREATED_BY = "kiln src.data.write"
 INDEX_VERSION = 1
 
@@ -87,7 +90,7 @@ class InputItem:
     """One candidate sample: a media file, its caption and optionally the part of it to train on.
 
     `caption` is None when there is none (no .txt file, an unreadable one, or no caption cell);
-    `note` then says why. `start` / `end` are seconds, `fps` the frame rate a list row asked for.
+    `note` then says why. `start` / `end` are seconds, `fps` the video's frame rate as a list row declares it.
     `reject` is (reason, detail) for an input refused before probing: a list row that cannot be read
     (bad_row) or a caption without media (no_media); `path` is then the list or the caption file.
     """
@@ -326,17 +329,33 @@ def _sample_meta(item: InputItem, min_frames: int, full_decode: bool) -> dict[st
     if not item.caption:
         raise ProbeError("no_caption", item.note or "no caption")
     info, times = _probe_with_times(item.path, full_decode)
+    if info["kind"] == "video" and item.fps is not None:
+        info, times = _declare_fps(info, times, item.fps)
     meta = {**info, "source": str(item.path)}
     if info["kind"] == "video":
         meta.update(_check_length(info, times, item, min_frames))
     return meta
 
 
+def _declare_fps(info: dict[str, Any], times: list[float], fps: float) -> tuple[dict[str, Any], list[float]]:
+    """The probe and frame times under a list row's frame rate.
+
+    A rate within FPS_AGREEMENT of the container's confirms it (29.97 for 30000/1001): nothing changes. Any
+    other rate replaces it: `fps` is the row's, `container_fps` the container's, the duration and frame k's
+    time (k / fps) are on the row's clock.
+    """
+    container = info["fps"]
+    if container > 0 and abs(fps - container) <= FPS_AGREEMENT * container:
+        return info, times
+    declared = {**info, "fps": fps, "container_fps": container, "duration": round(info["frames"] / fps, 6)}
+    return declared, [index / fps for index in range(len(times))]
+
+
 def _check_length(info: dict[str, Any], times: list[float], item: InputItem, min_frames: int) -> dict[str, Any]:
     """Raise too_short if the video (or its start/end window) has fewer than `min_frames` frames.
 
-    Returns the window keys for the sample json: the given "start" / "end", "window_frames" (frames
-    whose presentation time lies in [start, end)) and "target_fps" when the row gave an fps.
+    Returns the window keys for the sample json: the given "start" / "end" and "window_frames" (frames
+    whose presentation time lies in [start, end)).
     """
     if info["frames"] < min_frames:
         raise ProbeError("too_short", f"{info['frames']} frames, fewer than min_frames={min_frames}")
@@ -353,8 +372,6 @@ def _check_length(info: dict[str, Any], times: list[float], item: InputItem, min
             )
         extra.update({k: v for k, v in (("start", item.start), ("end", item.end)) if v is not None})
         extra["window_frames"] = count
-    if item.fps is not None:
-        extra["target_fps"] = item.fps
     return extra
 
 
