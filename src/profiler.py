@@ -7,6 +7,10 @@ host time (Python, module hooks, the autograd engine: time inside profiled range
 GPU the categories are kernel time and "GPU idle" is the step's wall time no kernel covers, which is what host
 overhead and synchronisation cost; on a CPU they are the ops' own (self) time, and the step's wall time no event
 covers is its own line.
+
+Each event is counted once, on its own device: with kineto a CPU op's device time is the time of the kernels it
+launched, which also appear as events of their own; and a GPU user annotation (the profiler's step ranges) spans
+kernels. So on a GPU only kernel, memcpy and memset events count, and on a CPU only CPU events.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 log = logging.getLogger("kiln.train")
@@ -73,13 +78,22 @@ def categorize(name: str, kernel: bool) -> str:
     return "other ops (elementwise, norms, reductions)" if kernel or lower.startswith("aten::") else HOST
 
 
+def own_seconds(event, on_gpu: bool) -> float:
+    """The time an event of `profile.key_averages()` spent itself on the profiled device, counted once: a GPU
+    kernel's (or copy's) duration on a GPU, a CPU event's self time on a CPU; 0 for everything else."""
+    if on_gpu:
+        kernel = event.device_type == DeviceType.CUDA and not event.is_user_annotation
+        return event.self_device_time_total / 1e6 if kernel else 0.0  # microseconds -> seconds
+    return event.self_cpu_time_total / 1e6 if event.device_type == DeviceType.CPU else 0.0
+
+
 def breakdown(events, steps: int, wall_s: float, device: torch.device) -> dict:
     """Seconds per step by category from `profile.key_averages()`, with their share of the step's wall time."""
     on_gpu = device.type == "cuda"
     seconds: dict[str, float] = defaultdict(float)
     ops = []
     for e in events:
-        own = (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e6  # microseconds -> seconds
+        own = own_seconds(e, on_gpu)
         if own > 0:
             category = categorize(e.key, kernel=on_gpu)
             seconds[category] += own / steps

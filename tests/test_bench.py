@@ -97,6 +97,68 @@ def test_profiler_categories():
         assert categorize(name, kernel) == category, name
 
 
+def _gpu_trace():
+    """One 1 ms step as kineto records it on a GPU: CPU ops that carry their kernels' device time, the kernels as
+    events of their own, a memcpy, and the profiler's step range on both timelines (a GPU user annotation)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    def cpu(i, name, start, end, kernels=(), annotation=False):
+        event = FunctionEvent(i, name, 0, start, end, stack=[], use_device="cuda", is_user_annotation=annotation)
+        for kernel, duration in kernels:
+            event.append_kernel(kernel, 0, duration)
+        return event
+
+    def gpu(i, name, start, end, annotation=False):
+        return FunctionEvent(
+            i,
+            name,
+            7,
+            start,
+            end,
+            stack=[],
+            use_device="cuda",
+            device_type=DeviceType.CUDA,
+            is_user_annotation=annotation,
+        )
+
+    gemm, flash, copy = "sm90_xmma_gemm_bf16bf16_bf16f32", "flash_fwd_kernel", "Memcpy HtoD (Pinned -> Device)"
+    step = cpu(0, "ProfilerStep#1", 0, 1000, annotation=True)
+    ops = [
+        cpu(1, "aten::mm", 10, 60, [(gemm, 300)]),
+        cpu(2, "aten::_flash_attention_forward", 60, 90, [(flash, 200)]),
+        cpu(3, "aten::copy_", 0, 10, [(copy, 50)]),
+    ]
+    kernels = [gpu(4, copy, 20, 70), gpu(5, gemm, 100, 400), gpu(6, flash, 400, 600)]
+    trace = EventList([step, *ops, *kernels, gpu(7, "ProfilerStep#1", 20, 600, annotation=True)])
+    trace._build_tree()  # parents and children from the time ranges, as torch.profiler does
+    return trace.key_averages()
+
+
+def test_gpu_profile_counts_each_kernel_once():
+    from src.profiler import breakdown
+
+    report = breakdown(_gpu_trace(), steps=1, wall_s=1e-3, device=torch.device("cuda"))
+    seconds = report["seconds_per_step"]
+    assert seconds == pytest.approx({"matmul": 300e-6, "attention": 200e-6, "memory copies": 50e-6, "GPU idle": 450e-6})
+    assert sum(seconds.values()) == pytest.approx(report["step_time_s"])
+    assert [op["name"] for op in report["top_ops"]] == [
+        "sm90_xmma_gemm_bf16bf16_bf16f32",
+        "flash_fwd_kernel",
+        "Memcpy HtoD (Pinned -> Device)",
+    ]
+
+
+def test_cpu_profile_counts_cpu_events_only():
+    from src.profiler import HOST, OUTSIDE, breakdown
+
+    seconds = breakdown(_gpu_trace(), steps=1, wall_s=2e-3, device=torch.device("cpu"))["seconds_per_step"]
+    # the same ops' own CPU time; the step range's self time is host time; the kernels are not CPU events
+    assert seconds == pytest.approx(
+        {"matmul": 50e-6, "attention": 30e-6, "memory copies": 10e-6, HOST: 910e-6, OUTSIDE: 1000e-6}
+    )
+
+
 def test_a_run_on_random_features_without_checkpoints_profiles_its_steps(tmp_path, monkeypatch):
     # in-process, the local engine: what the bench asks of src.train (ckpt_every=0, profile.steps) and a `null` MFU
     from hydra import compose, initialize_config_dir
