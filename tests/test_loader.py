@@ -346,3 +346,16 @@ def test_a_list_fps_column_is_the_videos_frame_rate_for_windows_bucketing_and_sa
     assert repeated_frames(as_muxed) == 8  # 8 fps sampled at 16: every frame twice
     assert repeated_frames(at_16) == 0  # the declared rate: 16 consecutive frames
     assert torch.equal(second_half, at_16[:, 8:])  # the window measured on the declared clock
+
+
+def test_a_tar_cut_inside_its_first_member_is_reported_truncated_not_unreadable(shards, tmp_path):
+    source = sorted(shards.glob("*.tar"))[0]
+    with tarfile.open(source) as tar:
+        first = tar.next()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(source.read_bytes()[: first.offset_data + first.size // 2])
+    for url in (str(cut), f"pipe:cat {cut}"):
+        found, skips = scan_shards([url], retries=3, retry_wait=60.0)  # a retry would take a minute
+        assert [s.samples for s in found] == [[]]  # the shard is known, with no sample
+        assert [(s.key, s.reason) for s in skips] == [(url, "truncated_shard")]
+        assert "no sample kept" in skips[0].detail and "tries" not in skips[0].detail

@@ -134,16 +134,22 @@ def _assemble(
 
 
 def scan_local(url: str) -> tuple[list[SampleInfo], list[Skip]]:
-    """Catalogue a local tar from its headers; small members are read, media only located."""
+    """Catalogue a local tar from its headers; small members are read, media only located.
+
+    A tar that breaks off keeps the samples before the break (`truncated_shard`), none when it breaks inside its
+    first member; a file whose first header is not a tar header raises (retried, then `unreadable_shard`).
+    """
     members: dict[str, dict[str, tuple[int, int]]] = {}
     skips: list[Skip] = []
     path = local_path(url)
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
+        headers = 0  # tar headers that parsed: one is enough to know the file is a tar
         try:
             end = 0  # where the last member's data (padded to 512-byte blocks) ends
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 for info in tar:
+                    headers += 1
                     end = info.offset_data + -(-info.size // 512) * 512
                     if info.offset_data + info.size > file_size:  # headers seek past a cut-off end
                         raise EOFError(f"member {info.name} ends at byte {info.offset_data + info.size} of {file_size}")
@@ -153,9 +159,9 @@ def scan_local(url: str) -> tuple[list[SampleInfo], list[Skip]]:
             if members and file_size - end < 1024:  # a complete tar ends with two zero blocks
                 raise EOFError(f"no end-of-archive marker after byte {end}: the file was cut after a member")
         except (tarfile.TarError, EOFError, OSError) as err:
-            if not members:
+            if not headers:
                 raise  # not a tar at all: retried, then reported as unreadable
-            skips.append(Skip(url, "truncated_shard", f"{type(err).__name__}: {err}; keeping the samples before"))
+            skips.append(truncated_shard(url, err, kept_some=bool(members)))
 
         def read(loc: tuple[int, int]) -> bytes:
             f.seek(loc[0])
@@ -193,10 +199,21 @@ def scan_streamed(url: str) -> tuple[list[SampleInfo], list[Skip]]:
             sample, skip = _assemble(raw["__key__"], found, lambda data: data)
             (samples if sample else skips).append(sample or skip)
     except Exception as err:  # a broken stream: keep what came before
-        if not samples:
+        if not samples and not _ends_early(err):
             raise
-        skips.append(Skip(url, "truncated_shard", f"{type(err).__name__}: {err}; keeping the samples before"))
+        skips.append(truncated_shard(url, err, kept_some=bool(samples)))
     return samples, skips
+
+
+def truncated_shard(url: str, err: Exception, kept_some: bool) -> Skip:
+    """The skip of a shard that breaks off; `kept_some`: whether samples before the break are used."""
+    kept = "keeping the samples before" if kept_some else "it breaks off before its first sample ends: no sample kept"
+    return Skip(url, "truncated_shard", f"{type(err).__name__}: {err}; {kept}")
+
+
+def _ends_early(err: Exception) -> bool:
+    """Whether a streamed tar's error says its data ran out inside a member (tarfile's words for a cut file)."""
+    return isinstance(err, tarfile.ReadError) and "unexpected end of data" in str(err)
 
 
 def scan_shards(urls: Sequence[str], retries: int = 3, retry_wait: float = 1.0) -> tuple[list[ShardInfo], list[Skip]]:

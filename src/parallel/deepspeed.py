@@ -34,6 +34,35 @@ def _import_deepspeed():
     return deepspeed
 
 
+REDUCE_DTYPES = ("fp32", "bf16")
+
+
+def ds_config(
+    zero_stage: int, precision: str, grad_clip: float, zero_options: dict | None = None, reduce_dtype: str = "fp32"
+) -> dict:
+    """The DeepSpeed config of a Kiln run. Gradients are reduced in `reduce_dtype`: fp32 by default, as the local
+    engine and FSDP2's `reduce_dtype` do (DeepSpeed's own default under bf16 is to reduce the bf16 gradients,
+    which rounds each rank's contribution and their sum to 8 bits of mantissa)."""
+    if reduce_dtype not in REDUCE_DTYPES:
+        raise ValueError(f"parallel.reduce_dtype={reduce_dtype!r} is not one of {REDUCE_DTYPES}")
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # the loop batches; DeepSpeed only needs a consistent value
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {
+            "stage": zero_stage,
+            "stage3_gather_16bit_weights_on_model_save": False,
+            **(zero_options or {}),
+        },
+        "bf16": {"enabled": precision == "bf16"},
+        "communication_data_type": reduce_dtype,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
 class DeepSpeedEngine:
     """ZeRO-sharded training of `model` with a client (PyTorch) optimizer and LR schedule.
 
@@ -47,6 +76,7 @@ class DeepSpeedEngine:
         sp_size: ranks per sequence-parallel group (Ulysses, `src.parallel.ulysses`); ZeRO shards over all ranks.
         compile: DeepSpeed's `engine.compile()` (torch.compile of the module; graph breaks at ZeRO-3's hooks).
         zero_options: more `zero_optimization` keys for DeepSpeed (bucket sizes, persistence threshold, ...).
+        reduce_dtype: "fp32" (default) or "bf16": the dtype gradients are reduced in (`ds_config`).
     """
 
     def __init__(
@@ -64,6 +94,7 @@ class DeepSpeedEngine:
         compile: bool = False,
         sp_size: int = 1,
         zero_options: dict | None = None,
+        reduce_dtype: str = "fp32",
     ):
         check_precision(precision)
         if zero_stage not in (1, 2, 3):
@@ -72,21 +103,7 @@ class DeepSpeedEngine:
         self._deepspeed = deepspeed
         apply_activation_checkpointing(model, checkpoint_double, checkpoint_single)
         self.sequence_parallel = SequenceParallel(model, sequence_group(sp_size)) if sp_size > 1 else None
-        config = {
-            "train_micro_batch_size_per_gpu": 1,  # the loop batches; DeepSpeed only needs a consistent value
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": grad_clip,
-            "zero_optimization": {
-                "stage": zero_stage,
-                "stage3_gather_16bit_weights_on_model_save": False,
-                **(zero_options or {}),
-            },
-            "bf16": {"enabled": precision == "bf16"},
-            "zero_allow_untested_optimizer": True,
-            "zero_force_ds_cpu_optimizer": False,
-            "steps_per_print": 1 << 30,
-            "wall_clock_breakdown": False,
-        }
+        config = ds_config(zero_stage, precision, grad_clip, zero_options, reduce_dtype)
         self.precision = precision
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1:
             log.warning(
