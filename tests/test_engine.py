@@ -142,3 +142,48 @@ def test_compiled_blocks_train_like_eager_ones():
             assert ((other["exp_avg_sq"] - v).abs() <= v_atol).all(), (step, name)
             atol = adam_update_atol(m, v, p, step + 1, lr, betas, adam_eps, grad_atols[name])
             assert ((q.detach() - p.detach()).abs() <= atol).all(), (step, name)
+
+
+def test_zero3_bf16_reduces_gradients_in_fp32():
+    from src.parallel.deepspeed import ds_config
+
+    config = ds_config(zero_stage=3, precision="bf16", grad_clip=1.0)
+    assert config["bf16"] == {"enabled": True} and config["communication_data_type"] == "fp32"
+    assert ds_config(3, "bf16", 1.0, reduce_dtype="bf16")["communication_data_type"] == "bf16"
+    with pytest.raises(ValueError, match="parallel.reduce_dtype='fp16' is not one of"):
+        ds_config(3, "bf16", 1.0, reduce_dtype="fp16")
+
+
+def _zero3_reduce_dtype(rank: int, port: int, results) -> None:
+    import os
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from src.parallel.deepspeed import DeepSpeedEngine
+    from src.parallel.dist import init_distributed, shutdown
+
+    info = init_distributed("gloo")
+    engine = DeepSpeedEngine(
+        MMDiT(**tiny_model_kwargs()),
+        functools.partial(torch.optim.AdamW, lr=1e-4),
+        warmup_schedule,
+        info.device,
+        precision="bf16",
+    )
+    results["engine"] = engine.ds.communication_data_type
+    results["zero3"] = engine.ds.optimizer.communication_data_type  # what the reduce-scatter buckets are made of
+    x, txt, vec, t = batch(0)
+    engine.backward((engine(x, txt, vec, t).float() - x).pow(2).mean())
+    results["grad_norm"] = float(engine.step())
+    shutdown()
+
+
+@pytest.mark.dist
+def test_built_zero3_engine_reduces_in_fp32():
+    import torch.multiprocessing as mp
+
+    from src.parallel.dist import _free_port
+
+    results = mp.Manager().dict()
+    mp.spawn(_zero3_reduce_dtype, args=(_free_port(), results), nprocs=1, join=True)
+    assert results["engine"] == torch.float32 and results["zero3"] == torch.float32
+    assert results["grad_norm"] > 0  # a step with fp32 reduction runs (gloo)
