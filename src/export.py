@@ -16,13 +16,15 @@ loaded by diffusers' own `from_pretrained`, fed 3D position ids, and must match 
 (another implementation: float sums in another order); its weights, renamed back, must equal Kiln's exactly.
 Key coverage (missing, unexpected, mis-shaped), dtypes and the largest difference are reported. Everything is written to
 `OUT_DIR.partial` first and renamed only when the gate passes: a failed export leaves nothing that looks finished,
-and the command exits non-zero.
+and the command exits non-zero. Exported files are readable by others (0644 under the usual umask 022), not 0600 as
+safetensors writes them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -201,10 +203,23 @@ def export(
         "parity": report,
     }
     (partial / "export.json").write_text(json.dumps(record, indent=1))
+    _readable_by_others(partial)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
     return record
+
+
+def _readable_by_others(folder: Path) -> None:
+    """Give every file under `folder` the mode a new file of this user gets (0666 less the umask: 0644 under 022).
+
+    safetensors writes 0600, which a serving job or a teammate under another user cannot read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 in fp32 (bitwise) and bf16 (within the stated tolerance); planted faults fail the gate and leave nothing."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -38,6 +39,16 @@ def test_fp32_export_reloads_bitwise(trained, tmp_path, ema):
     assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.yaml", "export.json", "model.safetensors"]
     assert json.loads((tmp_path / "out" / "export.json").read_text())["parity"]["dtypes"] == ["float32"]
+
+
+def test_exported_files_are_readable_by_others(trained, tmp_path):
+    umask = os.umask(0o022)  # the usual umask; safetensors alone writes 0600 whatever it is
+    try:
+        export(trained, tmp_path / "out")
+    finally:
+        os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out").iterdir()}
+    assert modes == {"config.yaml": "0o644", "export.json": "0o644", "model.safetensors": "0o644"}
 
 
 def test_bf16_export_is_within_the_stated_tolerance(trained, tmp_path):
