@@ -10,11 +10,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from src.models.provenance import config_provenance
-from src.models.vae.dcae import VideoDCAE, tiled_apply
+from src.models.vae.dcae import VideoDCAE
 from src.models.vae.dcae_blocks import LiteMLA, space_to_channels
+from src.models.vae.tiling import axis_tiles, tiled
 from src.models.weights import weights_sha256
 from tests.conftest import ROOT
-from tests.numerics import accumulation_length, rounding_atol
+from tests.numerics import EPS32, accumulation_length, rounding_atol
 
 # smaller than conf/vae/dcae_tiny.yaml, same structure: for the loading and tiling tests
 SMALL = dict(
@@ -144,43 +145,156 @@ def test_provenance_without_building_equals_describe(tiny):
         "latent_channels": 128,
         "scaling_factor": pytest.approx(1 / 0.493),
         "shift_factor": 0.0,
-        "tiling": {"tile_size": 256, "tile_frames": 32, "tile_overlap": 0.25},
+        "tiling": {"tile_size": 256, "tile_frames": 32, "tile_overlap": 0.25, "layout": "open-sora-2.0"},
         "posterior": "deterministic",
     }
     assert VideoDCAE.provenance(**SMALL, tiling=False)["tiling"] is None
 
 
+# a Video DC-AE small enough to tile in every direction in milliseconds: 4x spatial, 2x temporal compression
+MINI = dict(
+    widths=[4, 8, 8],
+    encoder_depths=[1, 1, 1],
+    decoder_depths=[1, 1, 1],
+    block_types=["ResBlock", "ResBlock", "EViTS5_GLU"],
+    temporal_stages=[1],
+    latent_channels=8,
+    head_dim=4,
+    random_init=True,
+)
+
+
+def ramp_from(prev: torch.Tensor, cur: torch.Tensor, dim: int, extent: int) -> None:
+    """Open-Sora's blend, index by index with Python-float weights: cur[y] = prev[-e + y] (1 - y/e) + cur[y] y/e."""
+    e = min(prev.shape[dim], cur.shape[dim], extent)
+    for y in range(e):
+        mixed = prev.select(dim, prev.shape[dim] - e + y) * (1 - y / e) + cur.select(dim, y) * (y / e)
+        cur.select(dim, y).copy_(mixed)
+
+
+def open_sora_tiled(fn, x: torch.Tensor, tile: tuple[int, int], out: tuple[int, int], overlap: float) -> torch.Tensor:
+    """Reference: Open-Sora 2.0's DCAE tiled encode/decode written out from its rules, independently of Kiln's code.
+
+    tile = (frames, pixels) of an input tile, out = what a whole tile becomes, in the output's units. Time tiles
+    start every int(tile * (1 - overlap)); each is tiled in space (rows, then columns) if its H or W exceeds the tile;
+    every tile blends in its predecessor (above, then left; in time the previous one) after that one's own blending,
+    over int(out * overlap), and keeps its first out - int(out * overlap) entries.
+    """
+
+    def numbers(n_in: int, n_out: int) -> tuple[int, int, int]:
+        return int(n_in * (1 - overlap)), int(n_out * overlap), n_out - int(n_out * overlap)
+
+    def space(piece: torch.Tensor) -> torch.Tensor:
+        n = tile[1]
+        if max(piece.shape[3:]) <= n:
+            return fn(piece)
+        stride, e, keep = numbers(n, out[1])
+        rows = [
+            [fn(piece[:, :, :, i : i + n, j : j + n]) for j in range(0, piece.shape[4], stride)]
+            for i in range(0, piece.shape[3], stride)
+        ]
+        for i, row in enumerate(rows):
+            for j, t in enumerate(row):
+                if i:
+                    ramp_from(rows[i - 1][j], t, 3, e)
+                if j:
+                    ramp_from(row[j - 1], t, 4, e)
+        return torch.cat([torch.cat([t[:, :, :, :keep, :keep] for t in row], 4) for row in rows], 3)
+
+    if x.shape[2] <= tile[0]:
+        return space(x)
+    stride, e, keep = numbers(*(tile[0], out[0]))
+    row = [space(x[:, :, i : i + tile[0]]) for i in range(0, x.shape[2], stride)]
+    for i in range(1, len(row)):
+        ramp_from(row[i - 1], row[i], 2, e)
+    return torch.cat([t[:, :, :keep] for t in row], 2)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize(
+    ("tile_size", "tile_frames", "overlap", "clip"),
+    [
+        (16, 8, 0.5, (12, 20, 24)),  # latent 6 x 5 x 6 in 3 x 3 x 3 tiles, short tiles at every edge
+        (16, 8, 0.5, (12, 20, 16)),  # W fits one tile, H does not: W is cut too (tiles of 16 and 8 px)
+        (32, 16, 0.25, (36, 56, 40)),  # Open-Sora's overlap: blends over 2 latents and 4 frames or 8 pixels
+    ],
+)
+def test_tiled_encode_and_decode_equal_open_sora_reference(tile_size, tile_frames, overlap, clip):
+    """Kiln's tiled latents and decodes are Open-Sora's on a multi-tile clip. Both run the same encoder on the same
+    tiles; what may differ is the blend's rounding: a value passes through at most 3 blends (time, rows, columns),
+    each rounding two products and a sum of terms <= max|x| by eps/2: <= 4.5 eps max|x| in all."""
+    torch.manual_seed(0)
+    vae = VideoDCAE(**MINI, tile_size=tile_size, tile_frames=tile_frames, tile_overlap=overlap)
+    s, t = vae.spatial_compression, vae.temporal_compression
+    video = torch.rand(1, 3, *clip) * 2 - 1
+    z = vae.encode(video)
+    pixels, latents = (tile_frames, tile_size), (tile_frames // t, tile_size // s)
+    expected = open_sora_tiled(vae.encoder, video, pixels, latents, overlap)
+    assert z.shape == expected.shape == (1, 8, clip[0] // t, clip[1] // s, clip[2] // s)
+    atol = 4.5 * EPS32 * expected.abs().max().item()
+    torch.testing.assert_close(z, expected * vae.scaling_factor, rtol=0, atol=atol * vae.scaling_factor)
+
+    decoded = vae.decode(z)
+    raw = z / vae.scaling_factor
+    expected = open_sora_tiled(vae.decoder, raw, latents, pixels, overlap)
+    assert decoded.shape == expected.shape == video.shape
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=4.5 * EPS32 * expected.abs().max().item())
+
+
+def test_tiles_that_do_not_overlap_are_each_an_untiled_pass():
+    """Overlap 0: nothing is blended, and every tile of the output is exactly the untiled pass of its input tile."""
+    torch.manual_seed(0)
+    vae = VideoDCAE(**MINI, tile_size=16, tile_frames=8, tile_overlap=0.0)
+    video = torch.rand(1, 3, 12, 20, 24) * 2 - 1
+    z = vae.encode(video)  # latent 6 x 5 x 6 in tiles of 4 x 4 x 4
+    raw = z / vae.scaling_factor
+    decoded = vae.decode(z)
+    for t0 in (0, 4):
+        for h0 in (0, 4):
+            for w0 in (0, 4):
+                part = video[:, :, 2 * t0 : 2 * t0 + 8, 4 * h0 : 4 * h0 + 16, 4 * w0 : 4 * w0 + 16]
+                latent = raw[:, :, t0 : t0 + 4, h0 : h0 + 4, w0 : w0 + 4]
+                assert torch.equal(latent * vae.scaling_factor, vae.encoder(part) * vae.scaling_factor)
+                pixels = decoded[:, :, 2 * t0 : 2 * t0 + 8, 4 * h0 : 4 * h0 + 16, 4 * w0 : 4 * w0 + 16]
+                assert torch.equal(pixels, vae.decoder(latent))
+
+
 @pytest.mark.numerics
 def test_blending_is_a_partition_of_unity():
-    """With a local `fn` (no context across tiles) tiled == untiled, whatever the tile layout: ramps sum to 1."""
+    """With a local `fn` (no context across tiles) tiled == untiled whatever the layout: the two weights of a blend,
+    each rounded once to fp32, sum to 1 within eps, and a value goes through at most 3 blends."""
     video = torch.rand(1, 3, 40, 224, 160)
-    grid, tile, stride, scale = (10, 7, 5), (4, 3, 2), (3, 2, 1), (4, 32, 32)
-    pool = lambda x: F.avg_pool3d(x, scale)  # noqa: E731
-    assert torch.allclose(tiled_apply(pool, video, grid, tile, stride, scale, (1, 1, 1)), pool(video), atol=1e-6)
-    constant = torch.full((1, 3, 40, 224, 160), 0.3)
-    flat = tiled_apply(pool, constant, grid, tile, stride, scale, (1, 1, 1))
-    assert torch.allclose(flat, torch.full_like(flat, 0.3))  # no seams: a constant stays constant
+    time, space = axis_tiles(16, 4, 0.5), axis_tiles(128, 4, 0.5)  # short tiles at the ends of H and W
+    pool = lambda x: F.avg_pool3d(x, (4, 32, 32))  # noqa: E731
+    atol = 3 * 2 * EPS32
+    torch.testing.assert_close(tiled(pool, video, time, space), pool(video), rtol=0, atol=atol)
+    flat = tiled(pool, torch.full_like(video, 0.3), time, space)
+    assert (flat - pool(torch.full_like(video, 0.3))).abs().max() <= atol  # no seams: a constant stays constant
 
-    z = torch.randn(2, 5, *grid)
+    z = torch.randn(2, 5, 10, 7, 5)
     unpool = lambda z: z.repeat_interleave(4, 2).repeat_interleave(32, 3).repeat_interleave(32, 4) * 2 - 1  # noqa: E731
-    assert torch.allclose(tiled_apply(unpool, z, grid, tile, stride, (1, 1, 1), scale), unpool(z), atol=1e-5)
+    time, space = axis_tiles(4, 16, 0.5), axis_tiles(4, 128, 0.5)
+    scale = 2 * z.abs().max().item() + 1
+    torch.testing.assert_close(tiled(unpool, z, time, space), unpool(z), rtol=0, atol=3 * 2 * EPS32 * scale)
 
 
-def test_tiling_exact_on_one_tile_and_shaped_on_many():
+def test_tiling_rules_are_checked():
     torch.manual_seed(0)
     whole = VideoDCAE(**SMALL, tiling=False)
-    tiled = VideoDCAE(**SMALL, tile_size=64, tile_frames=8, tile_overlap=0.5)
-    tiled.load_state_dict(whole.state_dict())
-    one = torch.rand(1, 3, 8, 64, 64) * 2 - 1  # exactly one tile
+    tiled_vae = VideoDCAE(**SMALL, tile_size=64, tile_frames=8, tile_overlap=0.5)
+    tiled_vae.load_state_dict(whole.state_dict())
+    one = torch.rand(1, 3, 8, 64, 64) * 2 - 1  # exactly one tile: no tiling at all
     z = whole.encode(one)
-    assert torch.equal(tiled.encode(one), z)
-    assert torch.equal(tiled.decode(z), whole.decode(z))
-
-    many = torch.rand(1, 3, 12, 96, 128) * 2 - 1  # latent 3 x 3 x 4 in tiles of 2 x 2 x 2: 2 x 2 x 3 tiles
-    z = tiled.encode(many)
-    assert z.shape == (1, 32, 3, 3, 4) and torch.isfinite(z).all()
-    video = tiled.decode(z)
-    assert video.shape == many.shape and torch.isfinite(video).all()
+    assert torch.equal(tiled_vae.encode(one), z)
+    assert torch.equal(tiled_vae.decode(z), whole.decode(z))
+    # decode tiles of 2 latent frames every 1: the last tile holds 1 latent frame, which would decode to 1 frame
+    with pytest.raises(ValueError, match="latent of 3 frames cannot be decoded with temporal tiling"):
+        tiled_vae.decode(torch.zeros(1, 32, 3, 2, 2))
+    # 256 px * 0.7 = 179.2 px: tiles every 179 px keeping 5 of 8 latents (160 px) would leave seams
+    with pytest.raises(ValueError, match="tile_overlap=0.3 does not tile"):
+        VideoDCAE(**SMALL, tile_overlap=0.3)
+    with pytest.raises(ValueError, match="tile_overlap=1"):
+        VideoDCAE(**SMALL, tile_overlap=1)
 
 
 @pytest.mark.numerics

@@ -13,8 +13,7 @@ scaling_factor), so the same latents come from Kiln's scaling_factor = 1 / 0.493
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from src.models.vae.dcae_blocks import (
     downsample_block,
     upsample_block,
 )
+from src.models.vae.tiling import AxisTiles, axis_tiles, tile_starts, tiled
 from src.models.weights import read_state_dict, strict_load, weights_sha256
 
 log = logging.getLogger("kiln.vae")
@@ -131,71 +131,6 @@ class Decoder(nn.Module):
         return self.project_out(x)  # (B, 3, T, H, W)
 
 
-def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
-    """Starts of tiles of length `tile` covering [0, size), evenly spread, consecutive starts <= `stride` apart."""
-    if size <= tile:
-        return [0]
-    count = math.ceil((size - tile) / stride) + 1
-    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
-
-
-def _ramp_weights(starts: list[int], tile: int, size: int, scale: int) -> list[torch.Tensor]:
-    """Per tile, a 1D blending weight in output units (latent units x `scale`): linear ramps over each overlap with
-    a neighbour (up at its start, down at its end), 1 elsewhere; always > 0, normalised by the caller."""
-    weights = []
-    for i, start in enumerate(starts):
-        length = min(tile, size - start) * scale
-        w = torch.ones(length)
-        if i > 0:
-            m = (starts[i - 1] + tile - start) * scale
-            if m > 0:
-                w[:m] *= torch.arange(1, m + 1) / (m + 1)
-        if i < len(starts) - 1:
-            m = (start + tile - starts[i + 1]) * scale
-            if m > 0:
-                w[length - m :] *= torch.arange(m, 0, -1) / (m + 1)
-        weights.append(w)
-    return weights
-
-
-def tiled_apply(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    grid: tuple[int, int, int],
-    tile: tuple[int, int, int],
-    stride: tuple[int, int, int],
-    in_scale: tuple[int, int, int],
-    out_scale: tuple[int, int, int],
-) -> torch.Tensor:
-    """Apply `fn` to overlapping (T, H, W) tiles of `x` (B, C, T, H, W) and blend the outputs with linear ramps.
-
-    Tiles are laid out on a latent `grid` (T', H', W') with `tile` and at most `stride` latent units between starts;
-    one latent unit is `in_scale` units of `x` and `out_scale` units of `fn`'s output. The result is the
-    weight-normalised sum of the tiles' outputs, so a pointwise `fn` gives exactly its untiled result.
-    """
-    starts = [_tile_starts(n, t, s) for n, t, s in zip(grid, tile, stride, strict=True)]
-    if all(len(st) == 1 for st in starts):
-        return fn(x).float()  # one tile: no blending buffers
-    ramps = [_ramp_weights(st, t, n, o) for st, t, n, o in zip(starts, tile, grid, out_scale, strict=True)]
-    out = total = None
-    for it, t0 in enumerate(starts[0]):
-        for ih, h0 in enumerate(starts[1]):
-            for iw, w0 in enumerate(starts[2]):
-                (ft, fh, fw), (tt, th, tw) = in_scale, tile
-                piece = x[:, :, t0 * ft : (t0 + tt) * ft, h0 * fh : (h0 + th) * fh, w0 * fw : (w0 + tw) * fw]
-                y = fn(piece).float()  # (B, C_out, t, h, w)
-                if out is None:
-                    size = [n * o for n, o in zip(grid, out_scale, strict=True)]
-                    out = y.new_zeros(*y.shape[:2], *size)
-                    total = y.new_zeros(*size)
-                weight = torch.einsum("t,h,w->thw", ramps[0][it], ramps[1][ih], ramps[2][iw]).to(y.device)
-                (ot, oh, ow), (lt, lh, lw) = out_scale, y.shape[2:]
-                region = (slice(t0 * ot, t0 * ot + lt), slice(h0 * oh, h0 * oh + lh), slice(w0 * ow, w0 * ow + lw))
-                out[(slice(None), slice(None), *region)] += y * weight
-                total[region] += weight
-    return out / total
-
-
 class VideoDCAE(nn.Module):
     """Video (B, 3, T, H, W) in [-1, 1] <-> latent (B, 128, T/4, H/32, W/32): Open-Sora 2.0's Video DC-AE.
 
@@ -206,8 +141,8 @@ class VideoDCAE(nn.Module):
     `temporal_stages`: 0-based stages whose down/upsampling also halves/doubles time. `head_dim`: channels per
     linear-attention head (32 in the release). Frames: 1 (an image) or a multiple of the temporal factor with at
     least 2 latent frames (a 1-frame latent is decoded as an image). Tiling (on by default, Open-Sora's sizes):
-    `tile_size` pixels x `tile_frames` frames, neighbours overlapping by `tile_overlap` of a tile, blended with
-    linear ramps in encode and decode; None turns off that direction.
+    `tile_size` pixels x `tile_frames` frames, neighbours overlapping by `tile_overlap` of a tile, placed and blended
+    in encode and decode exactly as Open-Sora 2.0 does (`src.models.vae.tiling`); None turns off that direction.
     """
 
     def __init__(
@@ -247,7 +182,8 @@ class VideoDCAE(nn.Module):
         self.latent_channels = latent_channels
         self.scaling_factor = scaling_factor
         self.shift_factor = shift_factor
-        self._check_tiling(tiling, tile_size, tile_frames, tile_overlap)
+        self.encode_tiles = self._tiles(tiling, tile_frames, tile_size, tile_overlap, encode=True)  # (time, space)
+        self.decode_tiles = self._tiles(tiling, tile_frames, tile_size, tile_overlap, encode=False)
         self.args = dict(
             path=path,
             dtype=dtype,
@@ -276,9 +212,13 @@ class VideoDCAE(nn.Module):
             strict_load(self, read_state_dict(path), f"Video DC-AE {path}")
         self.to(getattr(torch, dtype)).eval().requires_grad_(False)
 
-    def _check_tiling(self, tiling: bool, size: int | None, frames: int | None, overlap: float) -> None:
+    def _tiles(
+        self, tiling: bool, frames: int | None, size: int | None, overlap: float, encode: bool
+    ) -> tuple[AxisTiles | None, AxisTiles | None]:
+        """(time, space) tiling of `encode` (pixels -> latents) or `decode` (latents -> pixels) in Open-Sora's
+        numbers; None for a direction that is not tiled."""
         if not tiling:
-            return
+            return None, None
         s, t = self.spatial_compression, self.temporal_compression
         if size is not None and (size < s or size % s):
             raise ValueError(f"tile_size={size} must be a positive multiple of the spatial factor {s}")
@@ -286,6 +226,14 @@ class VideoDCAE(nn.Module):
             raise ValueError(f"tile_frames={frames} must be a multiple of {t} and at least {2 * t}")
         if not 0 <= overlap < 1:
             raise ValueError(f"tile_overlap={overlap} must be in [0, 1)")
+        out: list[AxisTiles | None] = []
+        for pixels, factor in ((frames, t), (size, s)):
+            if pixels is None:
+                out.append(None)
+                continue
+            ends = (pixels, pixels // factor) if encode else (pixels // factor, pixels)
+            out.append(axis_tiles(*ends, overlap))
+        return out[0], out[1]
 
     def check_frames(self, num_frames: int) -> None:
         """Non-causal: 1 frame (an image) or a multiple of the temporal factor giving at least 2 latent frames."""
@@ -307,28 +255,26 @@ class VideoDCAE(nn.Module):
         latent_frames = 1 if frames == 1 else frames // self.temporal_compression
         return self.latent_channels, latent_frames, height // s, width // s
 
-    def _latent_tile(self, grid: tuple[int, int, int]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        """Tile and stride in latent units for a latent grid (T', H', W'); a direction without tiling is whole."""
-        args, s, t = self.args, self.spatial_compression, self.temporal_compression
-        on = args["tiling"]
-        frames = args["tile_frames"] // t if on and args["tile_frames"] else grid[0]
-        side = args["tile_size"] // s if on and args["tile_size"] else max(grid[1:])
-        tile = (frames, side, side)
-        stride = tuple(max(1, n - int(n * args["tile_overlap"])) for n in tile)
-        return tile, stride
-
-    def _scales(self, latent_frames: int) -> tuple[int, int, int]:
-        t = self.temporal_compression if latent_frames > 1 else 1
-        return t, self.spatial_compression, self.spatial_compression
+    def _check_decode_tiles(self, latent_frames: int) -> None:
+        """A temporal tile of one latent frame decodes to one frame (an image), not `temporal_compression`."""
+        time = self.decode_tiles[0]
+        if time is None or latent_frames <= time.tile:
+            return
+        last = tile_starts(latent_frames, time)[-1]
+        if latent_frames - last == 1:
+            raise ValueError(
+                f"a latent of {latent_frames} frames cannot be decoded with temporal tiling: tiles of {time.tile} "
+                f"latent frames every {time.stride} leave a last tile of 1 latent frame, which decodes as an image, "
+                f"so the clip would come back {self.temporal_compression - 1} frames short (as in Open-Sora); decode "
+                f"with vae.tile_frames=null, or use a latent length T' with (T' - 1) % {time.stride} != 0"
+            )
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> (B, C, T', H', W'), shifted and scaled, fp32."""
-        _, *grid = self.latent_shape(*video.shape[-3:])
-        tile, stride = self._latent_tile(tuple(grid))
+        self.latent_shape(*video.shape[-3:])
         x = video.to(next(self.parameters()).dtype)
-        scale = self._scales(grid[0])
-        z = tiled_apply(self.encoder, x, tuple(grid), tile, stride, scale, (1, 1, 1))  # (B, C, T', H', W')
+        z = tiled(self.encoder, x, *self.encode_tiles).float()  # (B, C, T', H', W')
         return (z - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
@@ -336,16 +282,17 @@ class VideoDCAE(nn.Module):
         """(B, C, T', H', W') -> (B, 3, T, H, W) in about [-1, 1], fp32; a 1-frame latent gives 1 frame."""
         if z.ndim != 5 or z.shape[1] != self.latent_channels:
             raise ValueError(f"latent of shape {tuple(z.shape)}: expected (B, {self.latent_channels}, T', H', W')")
-        grid = tuple(z.shape[2:])
-        tile, stride = self._latent_tile(grid)
+        self._check_decode_tiles(z.shape[2])
         z = (z.float() / self.scaling_factor + self.shift_factor).to(next(self.parameters()).dtype)
-        return tiled_apply(self.decoder, z, grid, tile, stride, (1, 1, 1), self._scales(grid[0]))
+        return tiled(self.decoder, z, *self.decode_tiles).float()  # (B, 3, T, H, W)
 
     @classmethod
     def provenance(cls, **kwargs: Any) -> dict:
         """What a cache encoded with this VAE depends on (see `src.models.vae`); builds nothing, loads no weights."""
         args = constructor_args(cls, **kwargs)
-        tiling = {k: args[k] for k in ("tile_size", "tile_frames", "tile_overlap")} if args["tiling"] else None
+        tiling = None
+        if args["tiling"]:  # "layout": Open-Sora 2.0's placement and blending (caches of another layout are refused)
+            tiling = {k: args[k] for k in ("tile_size", "tile_frames", "tile_overlap")} | {"layout": "open-sora-2.0"}
         return {
             "name": "dcae",
             "weights_sha256": weights_sha256(args["path"]) if args["path"] else None,
