@@ -8,8 +8,10 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from src.diffusion.flow import sample_generator
 from src.models.provenance import config_provenance
 from src.models.vae.hunyuan import HunyuanVAE
+from src.models.vae.posterior import sample_posterior
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf/vae/hunyuan_tiny.yaml"))["arch"]
@@ -37,6 +39,8 @@ def test_encode_decode_shapes_and_frame_rule(tiny):
     assert tiny.decode(z).shape == video.shape
     with pytest.raises(ValueError, match=r"8 frames .* 4k\+1 frames, e.g. 5 or 9"):
         tiny.latent_shape(8, 32, 32)
+    with pytest.raises(ValueError, match=r"^0 frames .* 4k\+1 frames, e.g. 1 or 5$"):
+        tiny.latent_shape(0, 32, 32)
     with pytest.raises(ValueError, match="30x32 is not divisible"):
         tiny.latent_shape(9, 30, 32)
 
@@ -46,6 +50,52 @@ def test_mode_posterior_is_deterministic_and_scaled(tiny):
     raw = tiny.vae.encode(video).latent_dist.mode()
     assert torch.equal(tiny.encode(video), tiny.encode(video))
     assert torch.allclose(tiny.encode(video), raw * 0.476986)
+
+
+def test_temporal_tiling_is_off_unless_asked(tiny):
+    """Open-Sora's stage configs encode a clip whole in time; diffusers would tile past 16 frames by default."""
+    video = torch.rand(1, 3, 21, 16, 16) * 2 - 1  # 21 frames: beyond diffusers' 16-frame temporal tile
+    whole = tiny.vae.quant_conv(tiny.vae.encoder(video)).chunk(2, dim=1)[0]  # the mean of one untiled pass
+    assert torch.equal(tiny.encode(video), (whole - 0.0) * 0.476986)
+    framewise = HunyuanVAE(arch=TINY, random_init=True, temporal_tiling=True)
+    framewise.load_state_dict(tiny.state_dict())
+    tiled = framewise.encode(video)
+    assert tiled.shape == (1, 16, 6, 2, 2) and not torch.allclose(tiled, tiny.encode(video), atol=1e-3)
+    assert framewise.describe()["tiling"] == {
+        "spatial": {"tile_size": 256, "tile_stride": 192},
+        "temporal": {"tile_frames": 16, "tile_frame_stride": 12},
+    }
+    assert tiny.describe()["tiling"] == {"spatial": {"tile_size": 256, "tile_stride": 192}, "temporal": None}
+    assert HunyuanVAE.provenance(arch=TINY, tiling=False)["tiling"] is None
+
+
+def test_posterior_mean_and_std_in_latent_units(tiny):
+    """encode_posterior gives what a cache stores for `posterior: sample`: mean' = mean * scale (the mode `encode`
+    gives) and std' = std * scale, so mean' + std' * eps is a scaled posterior sample."""
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    dist = tiny.vae.encode(video).latent_dist
+    mean, std = tiny.encode_posterior(video)
+    assert torch.equal(mean, tiny.encode(video))
+    assert torch.equal(std, dist.std * 0.476986) and (std > 0).all()
+    sample = sample_posterior(mean[0], std[0], seed=3, index=7)
+    assert torch.equal(sample, sample_posterior(mean[0], std[0], seed=3, index=7))  # a function of (seed, index)
+    assert not torch.equal(sample, sample_posterior(mean[0], std[0], seed=3, index=8))
+    with pytest.raises(ValueError, match="posterior='random'"):
+        HunyuanVAE(arch=TINY, random_init=True, posterior="random")
+
+
+@pytest.mark.numerics
+def test_posterior_draws_are_standard_normal_and_apart_from_the_flow_noise():
+    """eps = (sample - mean) / std over n = 65,536 values: its mean is within 5 / sqrt(n) = 0.020 of 0, its variance
+    within 5 sqrt(2 / n) = 0.028 of 1 (5 standard errors), and it is not the flow noise of the same (seed, index)
+    (their correlation within 5 / sqrt(n) of 0)."""
+    mean, std = torch.full((16, 4, 32, 32), 0.5), torch.full((16, 4, 32, 32), 2.0)
+    n = mean.numel()
+    eps = (sample_posterior(mean, std, seed=0, index=42) - mean) / std
+    assert abs(eps.mean().item()) < 5 / n**0.5
+    assert abs(eps.var().item() - 1) < 5 * (2 / n) ** 0.5
+    noise = torch.randn(mean.shape, generator=sample_generator(0, 42))
+    assert abs((eps * noise).mean().item()) < 5 / n**0.5
 
 
 def test_loads_a_single_file_and_a_diffusers_directory_strictly(tiny, tmp_path):

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from src.models.provenance import constructor_args
+from src.models.vae.posterior import check_posterior
 from src.models.weights import read_state_dict, strict_load, weights_sha256
 
 log = logging.getLogger("kiln.vae")
-POSTERIORS = ("mode", "sample")
 
 
 def _architecture(path: str | None, arch: dict[str, Any] | None) -> dict[str, Any]:
@@ -38,8 +38,12 @@ class HunyuanVAE(nn.Module):
     `path`: a `hunyuan_vae.safetensors` file or a diffusers directory. Random weights need `path: null` and
     `random_init: true` (tiny test models; recorded as `weights_sha256: null`, so such a cache never passes for
     the real VAE). `arch` overrides
-    the diffusers config (tiny test models). `posterior`: `mode` (deterministic, the default for caches) or
-    `sample`. Tiling (diffusers' own, spatial and temporal) is on by default with Open-Sora's sizes.
+    the diffusers config (tiny test models). `posterior`: `mode` (deterministic) or `sample` (Open-Sora's
+    training: `encode` samples, and a feature cache stores mean and std to sample per step, `src.models.vae.posterior`).
+    `tiling`: diffusers' spatial tiling (256 px tiles every 192 px, blended over 64 px: Open-Sora's spatial tiling), on
+    as in Open-Sora's stage configs. `temporal_tiling`: diffusers' framewise encoding and decoding (`tile_frames`
+    frames every `tile_frame_stride`), off as in Open-Sora's stage configs; it bounds memory on long clips but changes
+    the latents, so a cache made with it is not Open-Sora's.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class HunyuanVAE(nn.Module):
         shift_factor: float = 0.0,
         posterior: str = "mode",
         tiling: bool = True,
+        temporal_tiling: bool = False,
         tile_size: int = 256,
         tile_stride: int = 192,
         tile_frames: int = 16,
@@ -60,8 +65,7 @@ class HunyuanVAE(nn.Module):
         super().__init__()
         from diffusers import AutoencoderKLHunyuanVideo
 
-        if posterior not in POSTERIORS:
-            raise ValueError(f"posterior={posterior!r}: use one of {POSTERIORS}")
+        check_posterior(posterior)
         if path is None and not random_init:
             raise ValueError(
                 "vae.path is null: point it to Open-Sora's hunyuan_vae.safetensors or a diffusers directory "
@@ -76,6 +80,7 @@ class HunyuanVAE(nn.Module):
             shift_factor=shift_factor,
             posterior=posterior,
             tiling=tiling,
+            temporal_tiling=temporal_tiling,
             tile_size=tile_size,
             tile_stride=tile_stride,
             tile_frames=tile_frames,
@@ -91,11 +96,10 @@ class HunyuanVAE(nn.Module):
         if dtype != "float32":
             self.vae.to(getattr(torch, dtype))
         self.vae.eval().requires_grad_(False)
-        if tiling:
-            self.vae.enable_tiling(tile_size, tile_size, tile_frames, tile_stride, tile_stride, tile_frame_stride)
-        else:
-            self.vae.disable_tiling()
-            self.vae.use_framewise_encoding = self.vae.use_framewise_decoding = False
+        self.vae.enable_tiling(tile_size, tile_size, tile_frames, tile_stride, tile_stride, tile_frame_stride)
+        self.vae.use_tiling = tiling
+        # diffusers encodes and decodes long clips framewise (temporal tiles) unless told not to
+        self.vae.use_framewise_encoding = self.vae.use_framewise_decoding = temporal_tiling
         config = self.vae.config
         self.spatial_compression = config.spatial_compression_ratio
         self.temporal_compression = config.temporal_compression_ratio
@@ -109,9 +113,9 @@ class HunyuanVAE(nn.Module):
         args = constructor_args(cls, **kwargs)
         path = args["path"]
         config = _architecture(path, args["arch"])
-        tiling = None
-        if args["tiling"]:
-            tiling = {k: args[k] for k in ("tile_size", "tile_stride", "tile_frames", "tile_frame_stride")}
+        spatial = {k: args[k] for k in ("tile_size", "tile_stride")} if args["tiling"] else None
+        temporal = {k: args[k] for k in ("tile_frames", "tile_frame_stride")} if args["temporal_tiling"] else None
+        tiling = {"spatial": spatial, "temporal": temporal} if spatial or temporal else None
         return {
             "name": "hunyuan",
             "weights_sha256": weights_sha256(path) if path else None,
@@ -133,10 +137,10 @@ class HunyuanVAE(nn.Module):
         """Causal: the first frame is encoded alone, then groups of 4, so 4k+1 frames."""
         t = self.temporal_compression
         if num_frames < 1 or (num_frames - 1) % t:
-            below = (num_frames - 1) // t * t + 1
+            below = max((num_frames - 1) // t * t + 1, 1)  # the nearest valid counts: 1 and 5 for 0 frames
             raise ValueError(
                 f"{num_frames} frames do not fit the causal HunyuanVideo VAE: use {t}k+1 frames, "
-                f"e.g. {max(below, 1)} or {below + t}"
+                f"e.g. {below} or {below + t}"
             )
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -147,13 +151,25 @@ class HunyuanVAE(nn.Module):
             raise ValueError(f"video size {height}x{width} is not divisible by the HunyuanVideo VAE's factor {s}")
         return self.latent_channels, (frames - 1) // self.temporal_compression + 1, height // s, width // s
 
+    def _posterior(self, video: torch.Tensor) -> Any:
+        """diffusers' DiagonalGaussianDistribution of a video (B, 3, T, H, W), its frame count and size checked."""
+        self.latent_shape(*video.shape[-3:])
+        return self.vae.encode(video.to(self.vae.dtype)).latent_dist
+
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) in [-1, 1] -> (B, 16, T', H', W'), shifted and scaled, fp32."""
-        self.latent_shape(*video.shape[-3:])
-        dist = self.vae.encode(video.to(self.vae.dtype)).latent_dist
+        """(B, 3, T, H, W) in [-1, 1] -> (B, 16, T', H', W'), shifted and scaled, fp32: the posterior's mode, or a
+        sample from the global RNG with `posterior: sample`."""
+        dist = self._posterior(video)
         z = dist.mode() if self.args["posterior"] == "mode" else dist.sample()
         return (z.float() - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def encode_posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, T, H, W) in [-1, 1] -> the posterior's mean and std, each (B, 16, T', H', W') fp32 in latent units:
+        (mean - shift) * scale and std * scale, so that mean + std * eps is a scaled sample."""
+        dist = self._posterior(video)
+        return (dist.mean.float() - self.shift_factor) * self.scaling_factor, dist.std.float() * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
