@@ -124,7 +124,7 @@ def provenance(text, vae, clips: ClipOptions, seed: int, storage: dict[str, str]
     return {
         "text": text.describe(),
         "vae": vae.describe(),
-        "clips": {"fps": clips.fps, "frame_stride": clips.frame_stride, "crop": clips.crop},
+        "clips": clips.provenance(),
         "seed": seed,
         "storage": storage,
         "kiln_version": kiln_version(),

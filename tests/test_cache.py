@@ -14,8 +14,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from src.data.provenance import ProvenanceError
+from src.data.provenance import ProvenanceError, check_provenance, expected_provenance
+from src.data.shards import ClipOptions
 from src.metrics import read_metrics
+from src.models.provenance import config_provenance
 from src.preprocess import preprocess
 from tests.conftest import ROOT
 from tests.test_train import run
@@ -49,7 +51,7 @@ def test_preprocess_writes_shards_with_provenance_statistics_and_a_report(cache)
     side = json.loads((cache / "shard-000000.json").read_text())
     assert side["text"]["max_length"] == 16 and side["text"]["mask_convention"] == "attend_padding"
     assert side["text"]["weights_sha256"] and side["vae"]["name"] == "hunyuan"
-    assert side["vae"]["scaling_factor"] == 0.476986 and side["vae"]["tiling"]["tile_size"] == 256
+    assert side["vae"]["scaling_factor"] == 0.476986 and side["vae"]["tiling"]["spatial"]["tile_size"] == 256
     assert side["buckets"] == {"32px/5f/32x32": 4} and side["kiln_version"]
     assert side["stats"]["latent"]["nonfinite"] == 0 and side["stats"]["latent"]["count"] == 4 * 16 * 2 * 4 * 4
     with tarfile.open(cache / "shard-000000.tar") as tar:
@@ -77,6 +79,10 @@ def test_cached_batches_hold_the_encoders_features(cache):
         ("text.dtype=bfloat16", "text.dtype", "'float32'", "'bfloat16'"),
         ("vae=patch", "vae.name", "'hunyuan'", "'patch'"),
         ("vae.scaling_factor=0.5", "vae.scaling_factor", "0.476986", "0.5"),
+        # random weights (weights_sha256 null on both sides): the architecture tells them apart
+        ("vae.arch.layers_per_block=2", "vae.architecture.layers_per_block", "1", "2"),
+        ("data.preprocess.frame_stride=2", "clips.frame_stride", "1", "2"),
+        ("data.preprocess.crop=random", "clips.crop", "'center'", "'random'"),
     ],
 )
 def test_a_cache_made_with_other_encoders_is_refused_naming_the_field(cache, override, field, cached, configured):
@@ -140,6 +146,20 @@ def test_preprocess_resumes_and_refuses_to_mix_configs(cache, tmp_path):
     assert (copy / "shard-000000.tar").stat().st_mtime_ns == before  # finished shards are left alone
     with pytest.raises(ProvenanceError, match="existing feature shard"):
         preprocess(compose_cfg(copy, "text.max_length=8"))
+    with pytest.raises(ProvenanceError, match="clips.frame_stride: the cache has 1, this run's config gives 2"):
+        preprocess(compose_cfg(copy, "data.preprocess.frame_stride=2"))  # not "3 already done"
+
+
+def test_a_random_dcae_of_another_architecture_does_not_pass_the_cache_check():
+    cfg = compose_cfg("unused", "vae=dcae_tiny")
+    clips = ClipOptions().provenance()
+    recorded = {**expected_provenance(cfg.text, cfg.vae, clips), "vae": instantiate(cfg.vae).describe()}
+    check_provenance(recorded, expected_provenance(cfg.text, cfg.vae, clips), "the same config")  # what preprocess
+    # recorded is what training expects; the same compression and channels from other widths are not the same VAE
+    other = compose_cfg("unused", "vae=dcae_tiny", "vae.widths=[8,16,32,64,128,256]")
+    assert config_provenance(other.vae)["weights_sha256"] is None
+    with pytest.raises(ProvenanceError, match=r"vae\.architecture\.widths: the cache has \[8, 16, 32, 64, 128, 128\]"):
+        check_provenance(recorded, expected_provenance(other.text, other.vae, clips), "the dcae_tiny cache")
 
 
 def test_train_from_the_cache_on_two_ranks_builds_no_encoder(cache, tmp_path):

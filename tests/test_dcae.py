@@ -147,6 +147,14 @@ def test_provenance_without_building_equals_describe(tiny):
         "shift_factor": 0.0,
         "tiling": {"tile_size": 256, "tile_frames": 32, "tile_overlap": 0.25, "layout": "open-sora-2.0"},
         "posterior": "deterministic",
+        "architecture": {  # the released model's: random weights of another one must not pass for it
+            "widths": [128, 256, 512, 512, 1024, 1024],
+            "encoder_depths": [2, 2, 2, 3, 3, 3],
+            "decoder_depths": [3, 3, 3, 3, 3, 3],
+            "block_types": ["ResBlock"] * 3 + ["EViTS5_GLU"] * 3,
+            "temporal_stages": [3, 4],
+            "head_dim": 32,
+        },
     }
     assert VideoDCAE.provenance(**SMALL, tiling=False)["tiling"] is None
 

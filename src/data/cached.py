@@ -31,7 +31,7 @@ from src.data.feature_shards import HEADER_KEY, index_tar, sidecar_path
 from src.data.holdout import split as holdout_split
 from src.data.plan import GlobalBatch, Planner
 from src.data.provenance import ProvenanceError, check_provenance, expected_provenance
-from src.data.shards import plan_order_loader, write_skips
+from src.data.shards import ClipOptions, plan_order_loader, write_skips
 from src.data.source import Batch, FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -288,17 +288,19 @@ def build_cached_loader(
 ) -> DataLoader:
     """A DataLoader of cached feature batches for this data-parallel rank, in plan order.
 
-    `expect` holds the run's `text` and `vae` config nodes: their provenance (computed without loading any
-    weights) is what every shard must match. `preprocess` is the source that `src.preprocess` reads; unused here.
-    `options`: seed, shuffle, mix_shards, state, skip_dir (see `CachedFeatureDataset`).
+    `expect` holds the run's `text` and `vae` config nodes and `preprocess` the source `src.preprocess` reads, with
+    the clip settings (fps, frame_stride, crop): their provenance (computed without loading any weights) is what
+    every shard must match. `options`: seed, shuffle, mix_shards, state, skip_dir (see `CachedFeatureDataset`).
     """
     from hydra.utils import instantiate
 
-    del preprocess
+    if preprocess is None:
+        raise ValueError("data.preprocess is missing: its fps, frame_stride and crop say which clips the cache holds")
+    clips = ClipOptions(preprocess.get("fps"), preprocess.get("frame_stride", 1), preprocess.get("crop", "center"))
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if isinstance(buckets, DictConfig | dict):
         buckets = instantiate(buckets)
-    expected = expected_provenance(expect["text"], expect["vae"])
+    expected = expected_provenance(expect["text"], expect["vae"], clips.provenance())
     dataset = CachedFeatureDataset(urls, buckets, expected, dp_rank, dp_world, **options)
     return plan_order_loader(dataset, num_workers, pin_memory)

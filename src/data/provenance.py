@@ -1,9 +1,11 @@
 """What a feature cache was made with, and the check that it matches the run that wants to use it.
 
-A cache holds the outputs of a text encoder and a VAE. Features from another encoder, weights, dtype, max length,
-mask convention, VAE scaling or tiling look like valid tensors and train a model that generates garbage, so
-every feature shard records its provenance and a run refuses shards whose provenance differs from what its own
-config would produce, naming the field and both values.
+A cache holds the outputs of a text encoder and a VAE on clips cut a certain way. Features from another encoder,
+weights, architecture, dtype, max length, mask convention, VAE scaling or tiling, or from clips taken at another
+fps, frame stride or crop, look like valid tensors and train a model that generates garbage (or moves at the wrong
+speed), so every feature shard records its provenance and a run refuses shards whose provenance differs from what
+its own config would produce, naming the field and both values. Each section is a plain dict of settings: a new
+setting that changes the features is checked as soon as the encoder (or ClipOptions) records it.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from omegaconf import DictConfig
 
 from src.models.provenance import config_provenance
 
-CHECKED = ("text", "vae")  # the sections that change the features; the rest (buckets, source, seed) is a record
+CHECKED = ("text", "vae", "clips")  # the sections that change the features; the rest (source, seed) is a record
 
 
 class ProvenanceError(ValueError):
-    """A cache made with other encoders than the run's: never skipped, always fatal."""
+    """A cache made with other encoders or clip settings than the run's: never skipped, always fatal."""
 
 
 def kiln_version() -> str:
@@ -30,9 +32,12 @@ def kiln_version() -> str:
         return "0+unknown"
 
 
-def expected_provenance(text: DictConfig | Mapping, vae: DictConfig | Mapping) -> dict[str, Any]:
-    """The `text` and `vae` provenance a run's encoder configs would record, computed without loading a model."""
-    return {"text": config_provenance(text), "vae": config_provenance(vae)}
+def expected_provenance(
+    text: DictConfig | Mapping, vae: DictConfig | Mapping, clips: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The provenance a run's encoder configs and clip settings (`ClipOptions.provenance()`) would record, computed
+    without loading a model."""
+    return {"text": config_provenance(text), "vae": config_provenance(vae), "clips": dict(clips)}
 
 
 def mismatches(found: Any, expected: Any, path: str = "") -> list[str]:
@@ -52,7 +57,8 @@ def check_provenance(found: Mapping, expected: Mapping, where: str) -> None:
     problems = [line for section in CHECKED for line in mismatches(found.get(section), expected[section], section)]
     if problems:
         raise ProvenanceError(
-            f"{where} was made with other encoders than this run uses; its features would be silently wrong:\n  "
+            f"{where} was made with other encoders or clip settings than this run uses; its features would be "
+            "silently wrong:\n  "
             + "\n  ".join(problems)
             + "\nRe-run `src.preprocess` with this config into a new directory, or point the run at the right cache."
         )

@@ -84,6 +84,10 @@ class ClipOptions:
         if self.crop not in ("center", "random"):
             raise ValueError(f"crop {self.crop!r} is not 'center' or 'random'")
 
+    def provenance(self) -> dict[str, Any]:
+        """What a feature cache of these clips depends on: recorded by `src.preprocess`, checked by a cached run."""
+        return {"fps": self.fps, "frame_stride": self.frame_stride, "crop": self.crop}
+
     def can_supply(self, meta: Mapping, num_frames: int) -> bool:
         """Whether a video with probe `meta` holds a clip of `num_frames` frames."""
         return fits(meta, num_frames, self.frame_stride, self.fps, clip_window(meta))

@@ -10,7 +10,7 @@ import inspect
 from typing import Any
 
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 def config_provenance(node: DictConfig | dict) -> dict[str, Any]:
@@ -22,7 +22,16 @@ def config_provenance(node: DictConfig | dict) -> dict[str, Any]:
 
 
 def constructor_args(cls: type, **kwargs: Any) -> dict[str, Any]:
-    """Every constructor argument of `cls`, the given ones over the defaults (unknown names raise TypeError)."""
+    """Every constructor argument of `cls`, the given ones over the defaults (unknown names raise TypeError).
+
+    Hydra config nodes among them (an `arch` dict passed by `instantiate`) become plain dicts and lists, so
+    that a provenance built from them can be written as JSON.
+    """
     bound = inspect.signature(cls.__init__).bind(None, **kwargs)
     bound.apply_defaults()
-    return {k: v for k, v in bound.arguments.items() if k != "self"}
+    return {k: _plain(v) for k, v in bound.arguments.items() if k != "self"}
+
+
+def _plain(value: Any) -> Any:
+    """A Hydra DictConfig / ListConfig as plain Python containers; anything else as it is."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value

@@ -304,6 +304,11 @@ class VideoDCAE(nn.Module):
             "shift_factor": args["shift_factor"],
             "tiling": tiling,
             "posterior": "deterministic",
+            # random weights record no hash: the architecture at least must match
+            "architecture": {
+                k: args[k] if isinstance(args[k], int) else list(args[k])
+                for k in ("widths", "encoder_depths", "decoder_depths", "block_types", "temporal_stages", "head_dim")
+            },
         }
 
     def describe(self) -> dict:
