@@ -56,6 +56,16 @@ class ShardEncoder:
         self.device = next(iter(vae.parameters()), torch.empty(0)).device
         null_txt, null_vec = text([""])  # (1, L, D), (1, Dv)
         self.null = {"null_txt": null_txt[0].to(self.text_dtype), "null_vec": null_vec[0].to(self.text_dtype)}
+        # Open-Sora samples the VAE posterior at training: keep its mean and std, the loader draws per step
+        self.latent_keys = ("latent", "latent_std") if vae.describe()["posterior"] == "sample" else ("latent",)
+
+    def encode_video(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`latent` (B, C, T', H', W') of clips (B, 3, T, H, W), and `latent_std` (the posterior's std in latent
+        units, `src.models.vae.posterior`) when the VAE's posterior is sampled."""
+        if "latent_std" in self.latent_keys:
+            mean, std = self.vae.encode_posterior(video)
+            return {"latent": mean, "latent_std": std}
+        return {"latent": self.vae.encode(video)}
 
     def assign(self, shard: ShardInfo) -> dict[Bucket, list]:
         """Samples of a shard grouped by bucket (a coin seeded by the shard name and key: stable on re-runs)."""
@@ -67,13 +77,18 @@ class ShardEncoder:
             groups.setdefault(bucket, []).append(sample)
         return groups
 
+    def no_bucket(self, meta: dict) -> str:
+        """Why a sample got no bucket: it fits none, or the coin of every bucket it fits said no."""
+        why = self.buckets.why_no_bucket(meta, self.clips.can_supply)
+        return why or f"declined by the coin of every bucket it fits (probabilities below 1): {self.buckets.describe()}"
+
     def encode(self, shard: ShardInfo, reader: MemberReader) -> tuple[list, list[dict], dict[str, Any]]:
         """(samples for `write_feature_shard`, skipped samples, statistics) of one source shard."""
         written, skipped = [], []
-        stats: dict[str, list] = {"latent": [], "txt": [], "vec": []}
+        stats: dict[str, list] = {name: [] for name in (*self.latent_keys, "txt", "vec")}
         for bucket, samples in self.assign(shard).items():
             if bucket is None:
-                skipped += [{"key": s.key, "reason": "no_bucket", "detail": self.buckets.describe()} for s in samples]
+                skipped += [{"key": s.key, "reason": "no_bucket", "detail": self.no_bucket(s.meta)} for s in samples]
                 continue
             for start in range(0, len(samples), bucket.batch_size):
                 clips, captions, kept = [], [], []
@@ -90,11 +105,11 @@ class ShardEncoder:
                     kept.append(sample)
                 if not kept:
                     continue
-                latents = self.vae.encode(torch.stack(clips).to(self.device))  # (B, C, T', H', W')
+                latents = self.encode_video(torch.stack(clips).to(self.device))  # each (B, C, T', H', W')
                 txt, vec = self.text(captions)  # (B, L, D), (B, Dv)
                 for i, sample in enumerate(kept):
                     tensors = {
-                        "latent": latents[i].to(self.latent_dtype),
+                        **{k: v[i].to(self.latent_dtype) for k, v in latents.items()},
                         "txt": txt[i].to(self.text_dtype),
                         "vec": vec[i].to(self.text_dtype),
                     }
@@ -110,7 +125,7 @@ class ShardEncoder:
                                 "height": bucket.height,
                                 "width": bucket.width,
                             },
-                            "latent_shape": list(latents.shape[1:]),
+                            "latent_shape": list(latents["latent"].shape[1:]),
                             "source": f"{shard.url}:{sample.key}",
                         }
                         written.append((sample.key, {k: v.cpu() for k, v in tensors.items()}, meta))

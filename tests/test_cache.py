@@ -4,6 +4,7 @@ Uses the stage1_tiny experiment (tiny random HunyuanVideo VAE, real MiniLM) on t
 """
 
 import io
+import itertools
 import json
 import shutil
 import sys
@@ -14,10 +15,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from src.data.cached import FeatureReader
 from src.data.provenance import ProvenanceError, check_provenance, expected_provenance
 from src.data.shards import ClipOptions
 from src.metrics import read_metrics
 from src.models.provenance import config_provenance
+from src.models.vae.posterior import sample_posterior
 from src.preprocess import preprocess
 from tests.conftest import ROOT
 from tests.test_train import run
@@ -200,3 +203,30 @@ def test_a_cached_run_holds_out_validation_clips_by_key(cache, tmp_path):
     (final,) = read_metrics(run_dir, "eval")
     assert final["step"] == 4 and len(final["val_loss_by_t"]) == 8 and final["probe_text_se"] > 0
     assert "RANDOM weights" not in (run_dir / "train.log").read_text()
+
+
+def test_a_sampled_posterior_is_cached_as_mean_and_std_and_drawn_at_every_visit(tmp_path):
+    """vae.posterior=sample (Open-Sora's training): the cache holds the posterior's mean and std; each time a sample
+    comes round, the loader gives mean + std * eps drawn from (seed, global index); validation reads the mean."""
+    cache = tmp_path / "cache"
+    preprocess(compose_cfg(cache, "vae.posterior=sample"))
+    side = json.loads((cache / "shard-000000.json").read_text())
+    assert side["vae"]["posterior"] == "sample"
+    assert side["stats"]["latent_std"]["count"] == side["stats"]["latent"]["count"] == 4 * 16 * 2 * 4 * 4
+    assert side["stats"]["latent_std"]["min"] > 0
+    loader = loader_for(cache, "vae.posterior=sample", "data.shuffle=false")
+    reader, seen = FeatureReader(loader.dataset.expect), {}
+    for batch in itertools.islice(loader, 9):  # 8 batches of 2 make an epoch: the 9th revisits its first samples
+        for index, latent in zip(batch["index"].tolist(), batch["latent"], strict=True):
+            shard, sample = loader.dataset.planner.locate(index)
+            stored = reader.read(shard.url, sample.key)
+            assert torch.equal(latent, sample_posterior(stored["latent"], stored["latent_std"], 0, index))
+            seen.setdefault((shard.url, sample.key), []).append(latent)
+    revisited = [draws for draws in seen.values() if len(draws) == 2]
+    assert len(revisited) == 2 and not any(torch.equal(*draws) for draws in revisited)  # a new draw per visit
+    val = loader_for(cache, "vae.posterior=sample", holdout=2).dataset.validation()
+    url, name = val["key"][0].rsplit(":", 1)
+    assert torch.equal(val["latent"][0], reader.read(url, name)["latent"].float())
+    reader.close()
+    with pytest.raises(ProvenanceError, match="vae.posterior: the cache has 'sample', this run's config gives 'mode'"):
+        loader_for(cache)

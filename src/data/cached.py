@@ -31,8 +31,9 @@ from src.data.feature_shards import HEADER_KEY, index_tar, sidecar_path
 from src.data.holdout import split as holdout_split
 from src.data.plan import GlobalBatch, Planner
 from src.data.provenance import ProvenanceError, check_provenance, expected_provenance
-from src.data.shards import ClipOptions, plan_order_loader, write_skips
+from src.data.shards import ClipOptions, plan_order_loader, unfit_samples, write_skips
 from src.data.source import Batch, FeatureSpec
+from src.models.vae.posterior import sample_posterior
 
 log = logging.getLogger(__name__)
 READ_FAILURES = ("read_error", "nonfinite")
@@ -50,6 +51,16 @@ class CachedBuckets:
         batch = self.batch.get((b["resolution"], b["num_frames"]))
         return None if batch is None else Bucket(b["resolution"], b["num_frames"], b["height"], b["width"], batch)
 
+    def why_no_bucket(self, meta: Mapping) -> str | None:
+        """None when the sample's cached bucket is configured; otherwise which bucket it has and which are."""
+        if self.assign(meta) is not None:
+            return None
+        b = meta["bucket"]
+        return (
+            f"encoded in bucket {b['resolution']}/{b['num_frames']}f/{b['height']}x{b['width']}, which this run's "
+            f"bucket config does not list (configured: {self.describe()})"
+        )
+
     def describe(self) -> str:
         return self.config.describe()
 
@@ -62,7 +73,10 @@ def read_sidecar(url: str) -> dict | None:
 
 class CachedFeatureDataset(IterableDataset):
     """This rank's batches: `latent` (B, C, T', H', W'), `txt` (B, L, D), `vec` (B, Dv), fp32, plus `caption`, `key`,
-    `index`, `valid`, `bucket`, `state`, `failed` and `plan_skipped` as `VideoShardDataset` gives them."""
+    `index`, `valid`, `bucket`, `state`, `failed` and `plan_skipped` as `VideoShardDataset` gives them.
+
+    With `vae.posterior: sample` each training latent is a fresh draw mean + std * eps, seeded by (seed, global
+    sample index) (`src.models.vae.posterior`); held-out (validation) latents are the mean."""
 
     encoded = True  # batches hold the features: no text encoder or VAE is built
 
@@ -82,7 +96,8 @@ class CachedFeatureDataset(IterableDataset):
         val_urls: str | Sequence[str] | None = None,
     ):
         super().__init__()
-        self.expect, self.dp_rank, self.skip_dir = dict(expect), dp_rank, skip_dir
+        self.expect, self.dp_rank, self.skip_dir, self.seed = dict(expect), dp_rank, skip_dir, seed
+        self.sample_posterior = self.expect["vae"].get("posterior") == "sample"  # the cache holds mean and std
         shards, self.scan_skips, headers = [], [], {}
         for url in expand_urls(urls):
             if not is_local(url):
@@ -108,6 +123,9 @@ class CachedFeatureDataset(IterableDataset):
         if dp_rank == 0:
             write_skips(skip_dir, "catalog", self.scan_skips)
         shards, self.held = self._hold_out(shards, buckets, holdout, val_urls)
+        self.unfit = unfit_samples(shards, self.cached_buckets.why_no_bucket)
+        if dp_rank == 0:
+            write_skips(skip_dir, "catalog", self.unfit)
         self.planner = Planner(shards, self.cached_buckets, lambda *_: True, dp_world, seed, shuffle, mix_shards, state)
         self.latent_shapes = {
             bucket.name: tuple(s["latent_shape"])
@@ -219,6 +237,8 @@ class CachedFeatureDataset(IterableDataset):
                 ok = all(torch.isfinite(t).all() for t in tensors.values())
                 if not ok:
                     skips.append(Skip(f"{shard.url}:{sample.key}", "nonfinite", "non-finite cached features"))
+                elif self.sample_posterior:  # a new draw each time the sample comes round (g counts across epochs)
+                    tensors["latent"] = sample_posterior(tensors["latent"], tensors["latent_std"], self.seed, g)
             except ProvenanceError:
                 raise
             except (OSError, KeyError, ValueError) as err:  # a damaged member: skipped and counted, never used

@@ -4,7 +4,8 @@ A feature shard is a webdataset tar:
 
     __kiln__.json          the header: provenance (text encoder, VAE, buckets, Kiln version), statistics, count
     __kiln__.safetensors   the null (empty-prompt) text features: null_txt (L, D), null_vec (Dv)
-    <key>.safetensors      latent (C, T', H', W'), txt (L, D), vec (Dv)
+    <key>.safetensors      latent (C, T', H', W'), txt (L, D), vec (Dv); with `vae.posterior: sample` latent is
+                           the posterior's mean and latent_std (C, T', H', W') its std (both in latent units)
     <key>.json             caption, bucket, source shard and key
 
 The header comes first, so a reader streaming the tar checks the provenance before it reads any feature.
