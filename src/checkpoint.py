@@ -106,6 +106,10 @@ def load_model_weights(
         weights = {k: v.float() for k, v in load_file(Path(run_or_ckpt) / "model.safetensors").items()}
         return weights, f"export:{record['tag']}{' (EMA)' if record['ema'] else ''}"
     ckpt_dir, tag = _resolve(run_or_ckpt, tag)
+    from src.parallel import fsdp2
+
+    if fsdp2.is_checkpoint(ckpt_dir / tag):  # torch.distributed.checkpoint shards, read whatever the world size
+        return fsdp2.read_weights(ckpt_dir / tag, ema), tag
     local = ckpt_dir / tag / "local_engine.pt"
     if local.is_file():
         blob = torch.load(local, map_location="cpu", weights_only=False)
@@ -167,6 +171,12 @@ class Moments:
     def __init__(self, run_or_ckpt: str | Path, tag: str | None = None):
         ckpt_dir, self.tag = _resolve(run_or_ckpt, tag)
         folder = ckpt_dir / self.tag
+        from src.parallel import fsdp2
+
+        self._fsdp2 = fsdp2.Fsdp2Moments(folder) if fsdp2.is_checkpoint(folder) else None
+        if self._fsdp2 is not None:
+            self.steps = self._fsdp2.steps
+            return
         if (folder / "local_engine.pt").is_file():
             blob = torch.load(folder / "local_engine.pt", map_location="cpu", weights_only=False, mmap=True)
             state = blob["optimizer"]["state"]
@@ -194,6 +204,9 @@ class Moments:
         return self.select(self.steps)
 
     def select(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        if self._fsdp2 is not None:
+            yield from self._fsdp2.select(names)
+            return
         for name in names:
             if self._local is not None:
                 yield name, self._local[name]["exp_avg"], self._local[name]["exp_avg_sq"]
