@@ -10,6 +10,7 @@ Layout of a run directory:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
@@ -19,8 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from src.integrity import MANIFEST, refusal, verify
 from src.models.diffusers_flux import from_diffusers, is_diffusers_flux
 from src.parallel.engine import latest_tag
+from src.safe_load import load_tensors, refuse_unsafe_pickles
+
+log = logging.getLogger("kiln.checkpoint")
 
 
 def step_tag(step: int) -> str:
@@ -32,19 +37,29 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def rng_state() -> dict:
-    """This process's RNG states (torch CPU, CUDA if present, numpy, python)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states (torch CPU, CUDA if present, numpy, python), as tensors and plain values only, so
+    that a checkpoint loads with `weights_only=True`."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    """Restore `rng_state()`'s states. The generators take their states as CPU ByteTensors, wherever a checkpoint
+    was mapped to."""
+    torch.set_rng_state(state["torch"].cpu())
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.cpu().numpy() if isinstance(keys, torch.Tensor) else keys  # an ndarray in older checkpoints
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _resolve(run_or_ckpt: str | Path, tag: str | None) -> tuple[Path, str]:
@@ -54,7 +69,21 @@ def _resolve(run_or_ckpt: str | Path, tag: str | None) -> tuple[Path, str]:
     tag = tag or latest_tag(ckpt_dir)
     if tag is None or not (ckpt_dir / tag).is_dir():
         raise ValueError(f"no checkpoint {tag or '(latest)'} in {ckpt_dir}")
+    check_intact(ckpt_dir / tag)
     return ckpt_dir, tag
+
+
+def check_intact(folder: Path) -> None:
+    """Refuse a checkpoint folder whose files do not match its manifest (hashing them all: about 1 GB/s); one
+    without a manifest (written before Kiln sealed checkpoints) is read with a warning."""
+    if not (folder / MANIFEST).is_file():
+        log.warning("%s has no %s: its files cannot be checked", folder, MANIFEST)
+        return
+    problems = verify(folder)
+    if problems:
+        raise ValueError(refusal(folder, problems))
+
+
 
 
 def is_released(path: str | Path) -> bool:
@@ -112,7 +141,7 @@ def load_model_weights(
         return fsdp2.read_weights(ckpt_dir / tag, ema), tag
     local = ckpt_dir / tag / "local_engine.pt"
     if local.is_file():
-        blob = torch.load(local, map_location="cpu", weights_only=False)
+        blob = load_tensors(local)
         weights = {k: v.float() for k, v in blob["module"].items()}
         if ema:
             if blob.get("ema") is None:
@@ -124,6 +153,7 @@ def load_model_weights(
     _import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    refuse_unsafe_pickles(sorted((ckpt_dir / tag).glob("*.pt")))  # DeepSpeed loads them with weights_only=False
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     weights = {k: v.float() for k, v in state.items()}
     if ema:
@@ -134,7 +164,7 @@ def load_model_weights(
 def _zero3_layout(folder: Path, world: int) -> dict[str, tuple[int, int, int, torch.Size]]:
     """Where each trainable parameter sits in a ZeRO-3 checkpoint's per-rank fp32 flats:
     name -> (sub-group, offset in each rank's flat, elements per rank, full shape)."""
-    shapes = torch.load(next(folder.glob("*_model_states.pt")), map_location="cpu", weights_only=False)
+    shapes = load_tensors(next(folder.glob("*_model_states.pt")))
     where = {}
     for sub, group in enumerate(shapes["param_shapes"]):
         offset = 0
@@ -157,7 +187,7 @@ def zero3_ema(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("ema_rank_*.pt"))
     if not files:
         raise ValueError(f"{folder} holds no EMA (the run had ema: null); read it without EMA")
-    ranks = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    ranks = [load_tensors(f, mmap=True) for f in files]
     return {name: _gather(w, ranks) for name, w in _zero3_layout(folder, len(files)).items()}
 
 
@@ -178,7 +208,7 @@ class Moments:
             self.steps = self._fsdp2.steps
             return
         if (folder / "local_engine.pt").is_file():
-            blob = torch.load(folder / "local_engine.pt", map_location="cpu", weights_only=False, mmap=True)
+            blob = load_tensors(folder / "local_engine.pt", mmap=True)
             state = blob["optimizer"]["state"]
             order = [n for group in blob["param_names"] for n in group]  # optimizer index -> name
             self._local = {n: state[i] for i, n in enumerate(order) if i in state}
@@ -188,9 +218,7 @@ class Moments:
         files = sorted(folder.glob("*_optim_states.pt"), key=lambda f: int(re.search(r"rank_(\d+)_mp", f.name)[1]))
         if not files:
             raise ValueError(f"{folder} holds neither local_engine.pt nor DeepSpeed *_optim_states.pt files")
-        blobs = [
-            torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"] for f in files
-        ]
+        blobs = [load_tensors(f, mmap=True)["optimizer_state_dict"] for f in files]
         if blobs[0]["zero_stage"] != 3:
             raise ValueError(
                 f"{folder}: carrying optimizer state over is implemented for ZeRO-3, not stage {blobs[0]['zero_stage']}"

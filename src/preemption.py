@@ -34,19 +34,28 @@ class StopRequest:
     def __init__(self, run_dir: Path):
         self.file = Path(run_dir) / "STOP"
         self.signalled: int | None = None
+        self.agreed = (0, 0, False)  # what the ranks agreed on at the last check: (signal, signalled rank, file)
         self.previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
 
     def _on_signal(self, signum: int, frame) -> None:
         self.signalled = signum
 
     def requested(self) -> bool:
-        flag = torch.tensor([float(self.signalled is not None or self.file.exists())])  # on the host
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        signum = self.signalled or 0
+        # on the host: the highest signal number, the highest rank that received one, whether the file exists
+        flag = torch.tensor([float(signum), float(rank if signum else -1), float(self.file.exists())])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # gloo: a CPU tensor
-        return bool(flag.item())
+        self.agreed = (int(flag[0]), int(flag[1]), bool(flag[2]))
+        return bool(self.agreed[0] or self.agreed[2])
 
     def reason(self) -> str:
-        return signal.Signals(self.signalled).name if self.signalled is not None else f"{self.file} exists"
+        """Why the ranks stopped, the same on every rank: the signal and the rank that received it, or the file."""
+        signum, rank, file = self.agreed
+        if signum:
+            return f"{signal.Signals(signum).name} to rank {rank}"
+        return f"{self.file} exists" if file else "not requested"
 
     def close(self, is_main: bool) -> None:
         """Restore the previous signal handlers; rank 0 removes the STOP file so that the next start runs on."""

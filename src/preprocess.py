@@ -77,13 +77,18 @@ class ShardEncoder:
             groups.setdefault(bucket, []).append(sample)
         return groups
 
+    def no_bucket(self, meta: dict) -> str:
+        """Why a sample got no bucket: it fits none, or the coin of every bucket it fits said no."""
+        why = self.buckets.why_no_bucket(meta, self.clips.can_supply)
+        return why or f"declined by the coin of every bucket it fits (probabilities below 1): {self.buckets.describe()}"
+
     def encode(self, shard: ShardInfo, reader: MemberReader) -> tuple[list, list[dict], dict[str, Any]]:
         """(samples for `write_feature_shard`, skipped samples, statistics) of one source shard."""
         written, skipped = [], []
         stats: dict[str, list] = {name: [] for name in (*self.latent_keys, "txt", "vec")}
         for bucket, samples in self.assign(shard).items():
             if bucket is None:
-                skipped += [{"key": s.key, "reason": "no_bucket", "detail": self.buckets.describe()} for s in samples]
+                skipped += [{"key": s.key, "reason": "no_bucket", "detail": self.no_bucket(s.meta)} for s in samples]
                 continue
             for start in range(0, len(samples), bucket.batch_size):
                 clips, captions, kept = [], [], []

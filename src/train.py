@@ -29,6 +29,7 @@ from src.data.shards import DECODE_FAILURES
 from src.data.source import batch_features
 from src.evaluation import Evaluator, LearningAlarm, validation_set, write_stage_report
 from src.flops import peak_flops, step_flops
+from src.integrity import POLICIES, resume_tag, save_checkpoint
 from src.metrics import LossBreakdown, StepWindow, truncate_after
 from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
 from src.parallel.engine import ema_decay, latest_tag
@@ -36,6 +37,7 @@ from src.parallel.sp_guard import check_sequence_batches
 from src.param_groups import ParamPlan, enter_phase
 from src.preemption import StopRequest, clear_stale_stop
 from src.profiler import StepProfiler
+from src.resume import GlobalBatches, check_writable
 
 log = logging.getLogger("kiln.train")
 ALARM_EXIT = 3  # exit status of a run stopped by a learning alarm
@@ -106,6 +108,10 @@ def check_knobs(cfg: DictConfig) -> None:
         ema_decay(1, cfg.ema.decay, cfg.ema.warmup)  # raises on a decay outside [0, 1)
     if cfg.transition_optimizer not in ("reset", "carry"):
         raise ValueError(f"transition_optimizer must be reset or carry, got {cfg.transition_optimizer!r}")
+    if cfg.resume not in POLICIES:
+        raise ValueError(f"resume must be one of {POLICIES}, got {cfg.resume!r}")
+    if cfg.ckpt_keep is not None and cfg.ckpt_keep < 1:
+        raise ValueError(f"ckpt_keep must be >= 1 (the newest N checkpoints), or null to keep all, got {cfg.ckpt_keep}")
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> None:
@@ -116,6 +122,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     if dist.is_main:
         clear_stale_stop(run_dir)
     agree(str(run_dir), "run directory")
+    check_writable([run_dir, checkpoint_dir(run_dir)])  # now, not at the first checkpoint
     device = dist.device
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,8 +156,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     if cfg.ema is not None:
         engine.init_ema()  # from the starting weights; a resumed run loads its own below
 
+    resume_tag(ckpt_dir, cfg.resume)  # `latest` checked against its manifest (or the newest intact one), or refused
     state = engine.load(ckpt_dir) or {"step": 0, "samples_seen": 0, "data": None, "skipped": {}, "failed": {}}
     step, samples_seen = state["step"], state["samples_seen"]
+    global_batches = GlobalBatches(state.get("global_batches"), cfg.resume_batch_change)  # refused if changed
     if step:
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (%d samples seen)", ckpt_dir, step, samples_seen)
@@ -215,6 +224,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             phase = enter_phase(plan, engine, step, default_weight_decay, run_dir if dist.is_main else None)
         t0 = time.perf_counter()
         batch = next(batches)  # one bucket: every clip of the batch has the same shape
+        global_batches.check(batch["bucket"], len(batch["index"]) * dist.dp_world, step + 1)
         data_wait = time.perf_counter() - t0
 
         valid = batch["valid"].to(device, non_blocking=True)  # (B,) False where a clip failed to decode
@@ -249,14 +259,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         stopping = stop.requested()  # SIGUSR1/SIGTERM or RUN_DIR/STOP: checkpoint now, exit, resume later
         checkpointing = stopping or (cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps))
         if checkpointing:
-            engine.save(ckpt_dir, step_tag(step), loop_state(step, samples_seen, batch, skipped, failed))
+            state = loop_state(step, samples_seen, batch, skipped, failed) | global_batches.state()
+            save_checkpoint(engine, ckpt_dir, step_tag(step), state, cfg.ckpt_keep)  # sealed, then `latest` moves
         evaluation = evaluator(engine, step)  # when due: validation loss, probes, fixed prompts, health
         if evaluation is not None:
             logger.log(evaluation)
             logger.log_videos(step, [Path(p) for p in evaluation.get("eval_videos", [])])
             if evaluator.stop_requested(evaluation):
                 if not checkpointing:
-                    engine.save(ckpt_dir, step_tag(step), loop_state(step, samples_seen, batch, skipped, failed))
+                    state = loop_state(step, samples_seen, batch, skipped, failed) | global_batches.state()
+                    save_checkpoint(engine, ckpt_dir, step_tag(step), state, cfg.ckpt_keep)
                 write_stage_report(run_dir, dist.is_main, evaluator, step)
                 raise LearningAlarm(f"step {step}: " + "; ".join(evaluation["alarms"] or ["an alarm on another rank"]))
         if stopping and step < cfg.steps:

@@ -87,6 +87,8 @@ def test_mismatched_encoders_are_refused():
         ("log_every=0", "log_every must be >= 1, got 0"),
         ("ckpt_every=-5", r"ckpt_every must be >= 1, or 0 for no checkpoint \(benchmarks\), got -5"),
         ("steps=-1", "steps must be >= 0, got -1"),
+        ("resume=newest", r"resume must be one of \('latest', 'latest_intact'\), got 'newest'"),
+        ("ckpt_keep=0", r"ckpt_keep must be >= 1 \(the newest N checkpoints\), or null to keep all, got 0"),
     ],
 )
 def test_bad_knobs_are_refused_before_anything_starts(override, message):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from src.checkpoint import load_model_weights
+from src.integrity import save_checkpoint
 from src.models.mmdit import MMDiT
 from src.parallel.engine import ema_decay, warmup_schedule
 from src.parallel.local import LocalEngine
@@ -40,7 +41,7 @@ def test_plain_engine_ema_matches_a_hand_computed_average_and_survives_save_load
                 expected[n] = d * expected[n] + (1 - d) * p.detach()
     for n, value in expected.items():
         assert torch.allclose(engine.ema[n], value, atol=1e-7, rtol=1e-6), n
-    engine.save(tmp_path, "step_00000003", {"step": 3})
+    save_checkpoint(engine, tmp_path, "step_00000003", {"step": 3})
     weights, _ = load_model_weights(tmp_path, ema=True)
     assert torch.equal(weights["img_in.weight"], engine.ema["img_in.weight"])
     assert torch.equal(weights["txt_in.weight"], model.txt_in.weight)  # frozen: the weights themselves
@@ -54,7 +55,7 @@ def test_plain_engine_ema_matches_a_hand_computed_average_and_survives_save_load
 
 def test_a_checkpoint_without_ema_is_refused_where_ema_is_asked_for(tmp_path):
     engine = LocalEngine(MMDiT(**tiny_model_kwargs()), torch.optim.AdamW, warmup_schedule, torch.device("cpu"))
-    engine.save(tmp_path, "step_00000001", {"step": 1})  # a run with ema: null
+    save_checkpoint(engine, tmp_path, "step_00000001", {"step": 1})  # a run with ema: null
     with pytest.raises(ValueError, match="holds no EMA"):
         load_model_weights(tmp_path, ema=True)
     assert load_model_weights(tmp_path)[1] == "step_00000001"

@@ -6,6 +6,7 @@ import functools
 import pytest
 import torch
 
+from src.integrity import save_checkpoint
 from src.models.mmdit import MMDiT
 from src.parallel.engine import warmup_schedule
 from src.parallel.local import LocalEngine
@@ -58,7 +59,7 @@ def test_save_load_continues_exactly(tmp_path):
     expected = train_steps(straight, range(5))
     first = make_engine()
     train_steps(first, range(3))
-    first.save(tmp_path, "step_00000003", {"step": 3})
+    save_checkpoint(first, tmp_path, "step_00000003", {"step": 3})
     resumed = make_engine(seed=123)  # different init: everything must come from the checkpoint
     assert resumed.load(tmp_path) == {"step": 3}
     assert train_steps(resumed, range(3, 5)) == expected[3:]
@@ -73,7 +74,7 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path):
 
 def test_broken_checkpoints_are_refused(tmp_path):
     engine = make_engine()
-    engine.save(tmp_path, "step_00000001", {"step": 1})
+    save_checkpoint(engine, tmp_path, "step_00000001", {"step": 1})
     (tmp_path / "latest").write_text("step_00000009")
     with pytest.raises(ValueError, match=r"names 'step_00000009', which does not exist.*step_00000001"):
         engine.load(tmp_path)

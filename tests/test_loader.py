@@ -359,3 +359,42 @@ def test_a_tar_cut_inside_its_first_member_is_reported_truncated_not_unreadable(
         assert [s.samples for s in found] == [[]]  # the shard is known, with no sample
         assert [(s.key, s.reason) for s in skips] == [(url, "truncated_shard")]
         assert "no sample kept" in skips[0].detail and "tries" not in skips[0].detail
+
+
+def test_samples_that_fit_no_bucket_are_named_with_why(shards, tmp_path):
+    from src.data.write import write_shards
+    from tests.media import make_video
+
+    # three 32x32 clips of 12 frames: the bucket wants 8 frames at stride 2 (15 source frames) at 32px or 48px
+    for name, frames, size in (("long", 20, 32), ("short", 12, 32), ("small", 20, 16)):
+        make_video(tmp_path / "in" / f"{name}.mp4", fps=8, frames=frames, width=size, height=size)
+        (tmp_path / "in" / f"{name}.txt").write_text(f"a {name} clip")
+    write_shards(tmp_path / "in", tmp_path / "shards", workers=1)
+    buckets = BucketConfig({"32px": {"8": [1.0, 1]}}, aspect_ratios=["1:1"], size_multiple=8)
+    dataset = VideoShardDataset(tmp_path / "shards", buckets, frame_stride=2, skip_dir=tmp_path / "skipped")
+    assert dataset.fitting == 1
+    named = [json.loads(line) for line in (tmp_path / "skipped" / "catalog.jsonl").read_text().splitlines()]
+    assert [(r["key"].rsplit(":", 1)[-1], r["reason"]) for r in named] == [
+        ("000000001", "no_bucket"),
+        ("000000002", "no_bucket"),
+    ]
+    assert named[0]["detail"] == (
+        "32x32 (1024 px), 12 frames at 8 fps: too short for 8 frames, the shortest bucket of the resolutions it "
+        "covers (32px), at the run's fps and frame_stride"
+    )
+    assert (
+        named[1]["detail"]
+        == "16x16 (256 px) is smaller than the smallest resolution 32px (1024 px); videos are never upscaled"
+    )
+
+
+def test_a_cached_sample_whose_bucket_the_run_does_not_configure_is_named_with_why():
+    from src.data.cached import CachedBuckets
+
+    buckets = CachedBuckets(BucketConfig({"32px": {"5": [1.0, 2]}}, aspect_ratios=["1:1"], size_multiple=8))
+    meta = {"bucket": {"resolution": "32px", "num_frames": 9, "height": 32, "width": 32}}
+    assert buckets.why_no_bucket(meta) == (
+        "encoded in bucket 32px/9f/32x32, which this run's bucket config does not list "
+        "(configured: 32px (area 1024): 5f p=1 b=2)"
+    )
+    assert buckets.why_no_bucket({"bucket": {**meta["bucket"], "num_frames": 5}}) is None

@@ -7,9 +7,11 @@
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import av
 import pytest
@@ -17,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from src.checkpoint import Moments, load_model_weights, step_tag
+from src.integrity import resume_tag
 from src.metrics import read_metrics
 from tests.conftest import ROOT, clean_env, tiny_model_kwargs
 from tests.numerics import (
@@ -27,6 +30,7 @@ from tests.numerics import (
     adam_update_atol,
     rounding_atol,
 )
+from tests.test_integrity import flip_bytes
 
 pytestmark = pytest.mark.dist
 
@@ -310,22 +314,45 @@ def test_bf16_mixed_precision_trains_close_to_fp32(zero3_run, tmp_path):
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
 
-def test_a_corrupt_sharded_checkpoint_is_refused(zero3_run, tmp_path):
+ZERO3_DAMAGE = {
+    "flipped optimizer shard": (flip_bytes, "zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its SHA-256"),
+    "flipped EMA shard": (flip_bytes, "ema_rank_00000.pt does not match its SHA-256"),
+    "flipped model states": (flip_bytes, "zero_pp_rank_0_mp_rank_00_model_states.pt does not match its SHA-256"),
+    "deleted EMA shard": (Path.unlink, r"ema_rank_00001.pt is missing \(listed in manifest.json\)"),
+    "deleted model states": (Path.unlink, r"zero_pp_rank_1_mp_rank_00_model_states.pt is missing \(listed in"),
+}
+
+
+@pytest.mark.parametrize("damage", ZERO3_DAMAGE)
+def test_a_damaged_zero3_checkpoint_is_refused_naming_the_file(zero3_run, tmp_path, damage):
     run_dir, _ = zero3_run
+    shutil.copytree(run_dir / "checkpoints", tmp_path, dirs_exist_ok=True)
+    harm, message = ZERO3_DAMAGE[damage]
+    harm(tmp_path / "step_00000004" / re.search(r"\w+\.pt", message)[0])
+    with pytest.raises(ValueError, match=message):
+        resume_tag(tmp_path, "latest")
+    assert resume_tag(tmp_path, "latest_intact") == "step_00000003"
+
+
+def test_a_corrupt_sharded_checkpoint_is_refused_and_latest_intact_resumes_exactly(zero3_run, tmp_path):
+    run_dir, straight = zero3_run
     shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
     shard = tmp_path / "checkpoints/step_00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    shard.write_bytes(shard.read_bytes()[:2000])  # truncated, as by a node dying mid-save
-    args = ["-m", "src.train", "+experiment=smoke", f"hydra.run.dir={tmp_path}", "steps=6"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    flip_bytes(shard)  # 64 bytes inverted: torch.load would read it without complaint
+    args = ["-m", "src.train", "+experiment=smoke", f"hydra.run.dir={tmp_path}", "steps=4", PARITY_EPS, EVERY_STEP]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*launch, *args], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
-    assert "step_00000004 cannot be loaded" in proc.stderr + proc.stdout
+    assert f"{shard} does not match its SHA-256" in proc.stderr + proc.stdout
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]  # nothing trained on from it
+    proc = subprocess.run(
+        [*launch, *args, "resume=latest_intact"], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # step 4 trained again from step 3's checkpoint ...
+    assert rows[-1]["loss"] == straight[-1]["loss"]  # ... exactly as the first time
+    assert resume_tag(tmp_path / "checkpoints", "latest") == "step_00000004"  # rewritten and sealed
 
 
 def test_sampler_writes_a_decodable_video(zero3_run, tmp_path):

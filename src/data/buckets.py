@@ -142,6 +142,30 @@ class BucketConfig:
             for frames, prob, _ in self.frames[res]
         )
 
+    def why_no_bucket(self, meta: Mapping, can_supply: Callable[[Mapping, int], bool]) -> str | None:
+        """None when `could_fit`; otherwise why no bucket accepts the sample, in words naming its size and length."""
+        if self.could_fit(meta, can_supply):
+            return None
+        area = meta["width"] * meta["height"]
+        size = f"{meta['width']}x{meta['height']} ({area} px)"
+        covered = [res for res in self.order if area >= resolution_area(res)]
+        if not covered:
+            smallest = self.order[-1]
+            return (
+                f"{size} is smaller than the smallest resolution {smallest} ({resolution_area(smallest)} px); "
+                "videos are never upscaled"
+            )
+        counts = sorted({frames for res in covered for frames, prob, _ in self.frames[res] if prob > 0})
+        if not counts:
+            return f"{size}: every bucket of the resolutions it covers ({', '.join(covered)}) has probability 0"
+        length = f"{meta['frames']} frames at {meta.get('fps') or 0:g} fps"
+        if "window_frames" in meta:
+            length += f", {meta['window_frames']} in its start/end window"
+        return (
+            f"{size}, {length}: too short for {min(counts)} frames, the shortest bucket of the resolutions it "
+            f"covers ({', '.join(covered)}), at the run's fps and frame_stride"
+        )
+
     def describe(self) -> str:
         parts = []
         for res in self.order:

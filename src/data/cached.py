@@ -31,7 +31,7 @@ from src.data.feature_shards import HEADER_KEY, index_tar, sidecar_path
 from src.data.holdout import split as holdout_split
 from src.data.plan import GlobalBatch, Planner
 from src.data.provenance import ProvenanceError, check_provenance, expected_provenance
-from src.data.shards import ClipOptions, plan_order_loader, write_skips
+from src.data.shards import ClipOptions, plan_order_loader, unfit_samples, write_skips
 from src.data.source import Batch, FeatureSpec
 from src.models.vae.posterior import sample_posterior
 
@@ -50,6 +50,16 @@ class CachedBuckets:
         b = meta["bucket"]
         batch = self.batch.get((b["resolution"], b["num_frames"]))
         return None if batch is None else Bucket(b["resolution"], b["num_frames"], b["height"], b["width"], batch)
+
+    def why_no_bucket(self, meta: Mapping) -> str | None:
+        """None when the sample's cached bucket is configured; otherwise which bucket it has and which are."""
+        if self.assign(meta) is not None:
+            return None
+        b = meta["bucket"]
+        return (
+            f"encoded in bucket {b['resolution']}/{b['num_frames']}f/{b['height']}x{b['width']}, which this run's "
+            f"bucket config does not list (configured: {self.describe()})"
+        )
 
     def describe(self) -> str:
         return self.config.describe()
@@ -113,6 +123,9 @@ class CachedFeatureDataset(IterableDataset):
         if dp_rank == 0:
             write_skips(skip_dir, "catalog", self.scan_skips)
         shards, self.held = self._hold_out(shards, buckets, holdout, val_urls)
+        self.unfit = unfit_samples(shards, self.cached_buckets.why_no_bucket)
+        if dp_rank == 0:
+            write_skips(skip_dir, "catalog", self.unfit)
         self.planner = Planner(shards, self.cached_buckets, lambda *_: True, dp_world, seed, shuffle, mix_shards, state)
         self.latent_shapes = {
             bucket.name: tuple(s["latent_shape"])

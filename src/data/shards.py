@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import os
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,17 @@ def write_skips(skip_dir: str | Path | None, name: str, skips: Sequence[Skip]) -
 
 
 DECODE_FAILURES = ("decode_error", "too_short", "bad_caption", "read_error")
+
+
+def unfit_samples(shards: Sequence[ShardInfo], why_no_bucket: Callable[[Mapping], str | None]) -> list[Skip]:
+    """`no_bucket` skips for the samples no bucket accepts (the plan passes over them every epoch), each with why:
+    `why_no_bucket(meta)`, None for a sample that fits."""
+    return [
+        Skip(f"{shard.url}:{sample.key}", "no_bucket", why)
+        for shard in shards
+        for sample in shard.samples
+        if (why := why_no_bucket(sample.meta)) is not None
+    ]
 
 
 def declared_fps(meta: Mapping) -> float | None:
@@ -154,6 +165,10 @@ class VideoShardDataset(IterableDataset):
         else:
             shards, self.held = holdout_split(shards, holdout, fits_val)
         self.fitting = check_fits(shards, buckets, self.can_supply)
+        # named once here; the plan counts them each time it passes over them
+        self.unfit = unfit_samples(shards, lambda meta: buckets.why_no_bucket(meta, self.can_supply))
+        if dp_rank == 0:
+            write_skips(skip_dir, "catalog", self.unfit)
         self.planner = Planner(shards, buckets, self.can_supply, dp_world, seed, shuffle, mix_shards, state)
         log.info(
             "data: %d samples in %d shards, %d fit the buckets; %d skipped at scan",

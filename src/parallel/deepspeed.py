@@ -21,6 +21,7 @@ from src.parallel.engine import (
     update_ema,
 )
 from src.parallel.ulysses import SequenceParallel
+from src.safe_load import load_tensors, refuse_unsafe_pickles
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,47 @@ def _import_deepspeed():
     import deepspeed
 
     return deepspeed
+
+
+REDUCE_DTYPES = ("fp32", "bf16")
+
+
+def ds_config(
+    zero_stage: int, precision: str, grad_clip: float, zero_options: dict | None = None, reduce_dtype: str = "fp32"
+) -> dict:
+    """The DeepSpeed config of a Kiln run. Gradients are reduced in `reduce_dtype`: fp32 by default, as the local
+    engine and FSDP2's `reduce_dtype` do (DeepSpeed's own default under bf16 is to reduce the bf16 gradients,
+    which rounds each rank's contribution and their sum to 8 bits of mantissa)."""
+    if reduce_dtype not in REDUCE_DTYPES:
+        raise ValueError(f"parallel.reduce_dtype={reduce_dtype!r} is not one of {REDUCE_DTYPES}")
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # the loop batches; DeepSpeed only needs a consistent value
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {
+            "stage": zero_stage,
+            "stage3_gather_16bit_weights_on_model_save": False,
+            **(zero_options or {}),
+        },
+        "bf16": {"enabled": precision == "bf16"},
+        "communication_data_type": reduce_dtype,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def check_zero_world(folder: Path, world: int) -> None:
+    """Refuse a ZeRO checkpoint written by another number of ranks: DeepSpeed cannot re-partition its shards."""
+    saved = len(list(folder.glob("*zero_pp_rank_*_optim_states.pt")))
+    if saved and saved != world:
+        raise ValueError(
+            f"checkpoint {folder} holds the ZeRO optimizer shards of {saved} ranks, and this run has {world}: "
+            f"DeepSpeed cannot re-partition them. Resume on {saved} ranks (torchrun --nproc_per_node={saved}, or "
+            f"that many nodes x GPUs), or start a new run directory from its weights with init_from="
+            f"{folder.parent.parent} (transition_optimizer=carry also carries its AdamW moments)."
+        )
 
 
 REDUCE_DTYPES = ("fp32", "bf16")
@@ -141,18 +183,21 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, ckpt_dir: Path, tag: str, state: dict) -> None:
-        """Every rank writes its shard (and its EMA shard, before `latest` moves); `state` (step, data position,
-        RNG) is stored per rank."""
+        """Every rank writes its shard and its EMA shard; `state` (step, data position, RNG) is stored per rank.
+        `latest` is left alone: `src.integrity.save_checkpoint` moves it once every rank's files are sealed."""
         if self.ema is not None:
             self._ema_file(ckpt_dir, tag).parent.mkdir(parents=True, exist_ok=True)
             torch.save(self.ema, self._ema_file(ckpt_dir, tag))
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state)
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
 
     def load(self, ckpt_dir: Path) -> dict | None:
         """Load the checkpoint named by `ckpt_dir/latest`; None if there is none. Refuses a broken one."""
         tag = latest_tag(ckpt_dir)
         if tag is None:
             return None
+        folder = Path(ckpt_dir) / tag
+        check_zero_world(folder, self._deepspeed.comm.get_world_size())
+        refuse_unsafe_pickles(sorted(folder.glob("*.pt")))  # DeepSpeed loads them with weights_only=False
         try:
             path, state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
         except Exception as err:
@@ -160,13 +205,19 @@ class DeepSpeedEngine:
         if path is None:
             raise refuse_unreadable(ckpt_dir, tag, FileNotFoundError("DeepSpeed found no model states"))
         if self.ema is not None:
-            file = self._ema_file(ckpt_dir, tag)
-            try:
-                saved = torch.load(file, map_location=self.ema[0].device, weights_only=True) if file.is_file() else None
-            except Exception as err:
-                raise refuse_unreadable(ckpt_dir, tag, err) from err
-            self.ema = check_ema(saved, self.ema, file)
+            self.ema = self._load_ema(ckpt_dir, tag)
         return state
+
+    def _load_ema(self, ckpt_dir: Path, tag: str) -> list[torch.Tensor]:
+        """This rank's saved EMA shard; the current weights (with a warning) when the run had no EMA at all."""
+        file = self._ema_file(ckpt_dir, tag)
+        if not file.is_file() and any(file.parent.glob("ema_rank_*.pt")):  # other ranks have theirs: one is lost
+            raise refuse_unreadable(ckpt_dir, tag, FileNotFoundError(f"{file} is missing"))
+        try:
+            saved = load_tensors(file, map_location=self.ema[0].device) if file.is_file() else None
+        except Exception as err:
+            raise refuse_unreadable(ckpt_dir, tag, err) from err
+        return check_ema(saved, self.ema, file)
 
     @property
     def param_groups(self) -> list[dict]:

@@ -5,7 +5,8 @@ An engine owns the (sharded) model, its optimizer and LR schedule. The loop only
     pred = engine(x, txt, vec, t)       # forward
     engine.backward(loss)
     grad_norm = engine.step()           # clip, optimizer step, schedule step, zero grads
-    engine.save(dir, tag, state) / state = engine.load(dir)
+    engine.save(dir, tag, state) / state = engine.load(dir)   # save: the files only (src.integrity seals
+                                        # them and moves `latest`); load: the checkpoint `latest` names
     engine.full_state_dict()            # consolidated weights on rank 0
     engine.param_groups                 # the optimizer's live groups (lr, weight_decay), in the order given
     engine.reset_optimizer_state(gs) / engine.load_moments(moments, group_steps)   # freeze schedules, stages
@@ -168,6 +169,11 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
+    if not tag:
+        raise ValueError(
+            f"{latest} is empty, so it names no checkpoint (a save was interrupted while writing it): "
+            "resume=latest_intact resumes from the newest intact checkpoint"
+        )
     if not (Path(ckpt_dir) / tag).is_dir():
         found = sorted(p.name for p in Path(ckpt_dir).glob("step_*"))
         raise ValueError(f"{latest} names {tag!r}, which does not exist; checkpoints present: {found}")
@@ -178,5 +184,5 @@ def refuse_unreadable(ckpt_dir: Path, tag: str, err: Exception) -> ValueError:
     """The error for a checkpoint that exists but cannot be read: never train on from a half-loaded state."""
     return ValueError(
         f"checkpoint {Path(ckpt_dir) / tag} cannot be loaded ({type(err).__name__}: {err}); "
-        "it is not used. Restore it, or write an older tag into checkpoints/latest to resume from there."
+        "it is not used. Restore it, or resume from the newest intact checkpoint with resume=latest_intact."
     )

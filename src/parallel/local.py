@@ -20,6 +20,7 @@ from src.parallel.engine import (
     refuse_unreadable,
     update_ema,
 )
+from src.safe_load import load_tensors
 
 
 class LocalEngine:
@@ -86,8 +87,7 @@ class LocalEngine:
             "state": state,
         }
         torch.save(blob, out / "local_engine.pt.tmp")
-        (out / "local_engine.pt.tmp").replace(out / "local_engine.pt")
-        (Path(ckpt_dir) / "latest").write_text(tag)
+        (out / "local_engine.pt.tmp").replace(out / "local_engine.pt")  # src.integrity seals it, moves `latest`
 
     def load(self, ckpt_dir: Path) -> dict | None:
         tag = latest_tag(ckpt_dir)
@@ -97,12 +97,13 @@ class LocalEngine:
         if not path.is_file():
             raise ValueError(f"checkpoint {tag!r} has no {path.name} (was it written by another engine?)")
         try:
-            blob = torch.load(path, map_location=self.device, weights_only=False)
+            blob = load_tensors(path)  # on the host: the RNG states must stay CPU tensors; weights_only
             self.module.load_state_dict(blob["module"], strict=True)
             self.optimizer.load_state_dict(blob["optimizer"])
             self.scheduler.load_state_dict(blob["scheduler"])
             if self.ema is not None:
-                self.ema = check_ema(blob.get("ema"), self.ema, path)
+                ema = check_ema(blob.get("ema"), self.ema, path)
+                self.ema = {name: tensor.to(self.device) for name, tensor in ema.items()}
         except Exception as err:
             raise refuse_unreadable(ckpt_dir, tag, err) from err
         return blob["state"]
