@@ -398,3 +398,15 @@ def test_a_cached_sample_whose_bucket_the_run_does_not_configure_is_named_with_w
         "(configured: 32px (area 1024): 5f p=1 b=2)"
     )
     assert buckets.why_no_bucket({"bucket": {**meta["bucket"], "num_frames": 5}}) is None
+
+
+def test_many_skips_are_all_written_but_logged_in_one_line_past_the_first(tmp_path, caplog):
+    from src.data.catalog import Skip
+    from src.data.shards import LOGGED_SKIPS, write_skips
+
+    skips = [Skip(f"shard.tar:{i:09d}", "no_bucket", "too short") for i in range(LOGGED_SKIPS + 5)]
+    with caplog.at_level("WARNING", logger="src.data.shards"):
+        write_skips(tmp_path, "catalog", skips)
+    assert len(caplog.records) == LOGGED_SKIPS + 1
+    assert caplog.records[-1].getMessage() == f"skipping 5 more samples ({tmp_path / 'catalog.jsonl'})"
+    assert len((tmp_path / "catalog.jsonl").read_text().splitlines()) == LOGGED_SKIPS + 5

@@ -39,10 +39,17 @@ log = logging.getLogger(__name__)
 __all__ = ["VideoShardDataset", "build_loader", "expand_urls"]
 
 
+LOGGED_SKIPS = 20  # skips logged one by one per call; the rest are summed in one line (all are in the file)
+
+
 def write_skips(skip_dir: str | Path | None, name: str, skips: Sequence[Skip]) -> None:
-    """Append skipped samples to `skip_dir/name.jsonl` (one JSON object each) and log them."""
-    for skip in skips:
+    """Append skipped samples to `skip_dir/name.jsonl` (one JSON object each) and log them: the first LOGGED_SKIPS
+    one by one, then a count, so that a data set where many samples fit no bucket does not flood the log."""
+    for skip in skips[:LOGGED_SKIPS]:
         log.warning("skipping %s: %s: %s", skip.key, skip.reason, skip.detail)
+    if len(skips) > LOGGED_SKIPS:
+        where = Path(skip_dir) / f"{name}.jsonl" if skip_dir else "no skip file"
+        log.warning("skipping %d more samples (%s)", len(skips) - LOGGED_SKIPS, where)
     if skip_dir and skips:
         Path(skip_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(skip_dir) / f"{name}.jsonl", "a") as f:
