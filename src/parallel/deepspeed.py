@@ -76,35 +76,6 @@ def check_zero_world(folder: Path, world: int) -> None:
         )
 
 
-REDUCE_DTYPES = ("fp32", "bf16")
-
-
-def ds_config(
-    zero_stage: int, precision: str, grad_clip: float, zero_options: dict | None = None, reduce_dtype: str = "fp32"
-) -> dict:
-    """The DeepSpeed config of a Kiln run. Gradients are reduced in `reduce_dtype`: fp32 by default, as the local
-    engine and FSDP2's `reduce_dtype` do (DeepSpeed's own default under bf16 is to reduce the bf16 gradients,
-    which rounds each rank's contribution and their sum to 8 bits of mantissa)."""
-    if reduce_dtype not in REDUCE_DTYPES:
-        raise ValueError(f"parallel.reduce_dtype={reduce_dtype!r} is not one of {REDUCE_DTYPES}")
-    return {
-        "train_micro_batch_size_per_gpu": 1,  # the loop batches; DeepSpeed only needs a consistent value
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": {
-            "stage": zero_stage,
-            "stage3_gather_16bit_weights_on_model_save": False,
-            **(zero_options or {}),
-        },
-        "bf16": {"enabled": precision == "bf16"},
-        "communication_data_type": reduce_dtype,
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
 class DeepSpeedEngine:
     """ZeRO-sharded training of `model` with a client (PyTorch) optimizer and LR schedule.
 
