@@ -84,8 +84,6 @@ def check_intact(folder: Path) -> None:
         raise ValueError(refusal(folder, problems))
 
 
-
-
 def is_released(path: str | Path) -> bool:
     """A weight file, or a folder of weight files that is neither a Kiln run, checkpoint folder nor export."""
     from src.models.weights import WEIGHT_SUFFIXES
