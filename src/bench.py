@@ -123,7 +123,8 @@ def baseline(cfg: DictConfig, out: Path, checkpointing: bool) -> None:
     with torch.device("meta"):
         kiln = instantiate(cfg.model)  # shapes only: patchify, token grid, FLOPs
     torch.manual_seed(cfg.seed)
-    flux = FluxTransformer2DModel(**flux_config(model_cfg)).to(device).train()
+    with torch.device(device):  # initialised where it trains: no host-side build and copy of the weights
+        flux = FluxTransformer2DModel(**flux_config(model_cfg)).train()
     if checkpointing:
         flux.enable_gradient_checkpointing()
     opt = OmegaConf.to_container(cfg.optim.optimizer, resolve=True)

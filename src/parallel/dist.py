@@ -12,12 +12,15 @@ group reads the same batch; ZeRO-3 still shards and averages over all N ranks.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("kiln.dist")
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ def init_distributed(backend: str = "auto", sp_size: int = 1) -> DistInfo:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world)
+        if rank == 0:
+            log.info("process group %s over %d rank(s)", backend, world)
     group = sequence_group(sp_size)
     return DistInfo(rank, world, local_rank, device, sp_size=sp_size, sp_group=group)
 
