@@ -47,6 +47,7 @@ from src.parallel.engine import (
     update_ema,
 )
 from src.parallel.ulysses import SequenceParallel
+from src.safe_load import load_tensors
 
 log = logging.getLogger(__name__)
 MARKER = "fsdp2.json"  # written last by rank 0: a folder holding it is a complete FSDP2 checkpoint
@@ -278,7 +279,7 @@ class FSDP2Engine:
             for group, lr in zip(self.optimizer.param_groups, record["lrs"], strict=True):
                 group["lr"] = lr
             mine = folder / f"loop_rank_{dist.get_rank():05d}.pt"
-            loop = torch.load(mine if mine.is_file() else folder / "loop_rank_00000.pt", weights_only=False)
+            loop = load_tensors(mine if mine.is_file() else folder / "loop_rank_00000.pt")  # weights_only
         except Exception as err:
             raise refuse_unreadable(ckpt_dir, tag, err) from err
         if record["world_size"] != dist.get_world_size() or record["sp_size"] != self.sp_size:
