@@ -3,7 +3,7 @@
 The synthetic clips' captions are ground truth (src/data/synthetic.py), so a model trained on them can be scored
 on what it draws: sample every colour x shape x direction prompt, then read the video back.
 
-    python -m src.data.judge RUN_DIR [--steps 20] [--guidance 4]     # sample 96 prompts, judge, RUN_DIR/judge.json
+    python -m src.data.judge RUN_DIR [--steps 20] [--guidance 4]     # 96 prompts: RUN_DIR/judge/*.mp4, judge.json
     python -m src.data.judge --data outputs/synthetic                # the judge on the generated clips themselves
 
 How a video is read (frames (T, H, W, 3) uint8):
@@ -139,26 +139,33 @@ def judge_data(urls: str, limit: int | None = None) -> dict:
 def judge_run(
     run_dir: str | Path, steps: int = 20, guidance: float = 4.0, seed: int = 0, batch: int = 32, ema: bool = True
 ) -> dict:
-    """Sample the 96 demo prompts from a run (or export) and judge them; writes RUN_DIR/judge.json."""
+    """Sample the 96 demo prompts from a run (or export) and judge them: RUN_DIR/judge/NN_<prompt>.mp4, judge.json
+    and judge_strip.png."""
     import torch
 
-    from src.diffusion.sampler import euler_sample
-    from src.sample import load_run, pick_shape
+    from src.sample import load_run, pick_shape, sample_prompts
 
     run_dir = Path(run_dir)
     cfg, model, vae, text, tag = load_run(run_dir, ema=ema)
-    latent = pick_shape(cfg, vae)
     prompts = demo_prompts()
     null_txt, null_vec = text([""])
-    readings, videos = [], []
-    with torch.no_grad():
-        for first in range(0, len(prompts), batch):
-            chunk = prompts[first : first + batch]
-            g = torch.Generator().manual_seed(seed + first)
-            noise = torch.randn(len(chunk), *latent, generator=g)
-            txt, vec = text([p for p, *_ in chunk])
-            z = euler_sample(model, noise, txt, vec, null_txt[0], null_vec[0], steps=steps, guidance=guidance)
-            videos += [to_frames(v) for v in vae.decode(z.float()).clamp(-1, 1)]
+    with torch.no_grad():  # the fixed-prompt sampler of training's evaluation: prompt i from noise seed + i
+        _, decoded = sample_prompts(
+            model,
+            text,
+            vae,
+            [p for p, *_ in prompts],
+            pick_shape(cfg, vae),
+            null_txt,
+            null_vec,
+            run_dir / "judge",
+            "cpu",
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            batch=batch,
+        )
+    videos = [to_frames(v) for v in decoded]
     readings = [read_video(v) for v in videos]
     result = {"run": str(run_dir), "tag": tag, "ema": ema, "steps": steps, "guidance": guidance, "seed": seed}
     result |= score(readings, [(c, d) for _, c, _, d in prompts])
