@@ -93,13 +93,15 @@ class StepWindow:
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
         self.data_wait = 0.0
-        self.steps = self.samples = self.tokens = self.flops = 0
+        self.steps = self.loss_steps = self.samples = self.tokens = self.flops = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, data_wait: float, samples: int, tokens: int, flops: float) -> None:
-        """One step: its loss on this rank, its wait for data, and its global samples, tokens (text + video) and
-        model FLOPs (see src/flops.py)."""
-        self.loss_sum += loss.detach().float()
+    def add(self, loss: torch.Tensor | None, data_wait: float, samples: int, tokens: int, flops: float) -> None:
+        """One step: its loss on this rank (None for a step the sentinel skipped: its time counts, its loss does
+        not), its wait for data, and its global samples, tokens (text + video) and model FLOPs (see src/flops.py)."""
+        if loss is not None:
+            self.loss_sum += loss.detach().float()
+            self.loss_steps += 1
         self.data_wait += data_wait
         self.samples += samples
         self.tokens += tokens
@@ -109,7 +111,7 @@ class StepWindow:
     def row(self, step: int, lr: float, grad_norm, samples_seen: int) -> dict:
         # Reading the loss (and the gradient norm) to the host waits for every kernel queued before it: the window's
         # only synchronisation. The clock is read after it, so the window's time includes all of its device work.
-        loss, grad_norm = all_mean(self.loss_sum / self.steps).item(), float(grad_norm)
+        loss, grad_norm = all_mean(self.loss_sum / max(self.loss_steps, 1)).item(), float(grad_norm)
         elapsed = time.perf_counter() - self.start
         row = {
             "step": step,

@@ -28,16 +28,18 @@ from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
 from src.data.source import batch_features
 from src.evaluation import Evaluator, LearningAlarm, validation_set, write_stage_report
+from src.faults import Faults
 from src.flops import peak_flops, step_flops
 from src.integrity import POLICIES, resume_tag, save_checkpoint
 from src.metrics import LossBreakdown, StepWindow, truncate_after
-from src.parallel.dist import agree, all_sum_counts, barrier, init_distributed
+from src.parallel.dist import agree, all_mean, all_sum_counts, barrier, init_distributed
 from src.parallel.engine import ema_decay, latest_tag
 from src.parallel.sp_guard import check_sequence_batches
 from src.param_groups import ParamPlan, enter_phase
 from src.preemption import StopRequest, clear_stale_stop
 from src.profiler import StepProfiler
 from src.resume import GlobalBatches, check_writable
+from src.sentinel import DIVERGED_EXIT, Diverged, Quarantine, Sentinel, Verdict, append_jsonl, blame, standouts
 
 log = logging.getLogger("kiln.train")
 ALARM_EXIT = 3  # exit status of a run stopped by a learning alarm
@@ -68,8 +70,11 @@ def check_patches(latent_shapes: dict[str, tuple[int, ...]], model: torch.nn.Mod
             raise ValueError(f"bucket {name} does not fit the model: {err}") from err
 
 
-def loop_state(step: int, samples_seen: int, batch: dict, skipped: Counter, failed: Counter) -> dict:
-    """What a checkpoint of `step` records beside the weights: position, RNG, data plan, skip counters."""
+def loop_state(
+    step: int, samples_seen: int, batch: dict, skipped: Counter, failed: Counter, sentinel: Sentinel
+) -> dict:
+    """What a checkpoint of `step` records beside the weights: position, RNG, data plan, skip counters, and the
+    sentinel's history (its skipped steps, rollbacks and running losses)."""
     return {
         "step": step,
         "samples_seen": samples_seen,
@@ -77,7 +82,50 @@ def loop_state(step: int, samples_seen: int, batch: dict, skipped: Counter, fail
         "data": batch["state"],
         "skipped": dict(skipped),
         "failed": dict(failed),
+        "sentinel": sentinel.state_dict(),
     }
+
+
+def zero_where_invalid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x (B, ...) with the samples where `valid` (B,) is False set to zero: a failed or quarantined sample adds
+    nothing to the step, not even a NaN through a zero-weighted loss."""
+    return torch.where(valid.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def roll_back(
+    engine, ckpt_dir: Path, sentinel: Sentinel, quarantine: Quarantine, step: int, reason: str, samples: list[str]
+) -> dict:
+    """Quarantine `samples` and reload the last checkpoint (weights, moments, EMA, schedule); its loop state.
+
+    Raises `Diverged` without a checkpoint to go back to, or past `sentinel.max_rollbacks`."""
+    quarantine.add(samples, step, reason)
+    if latest_tag(ckpt_dir) is None:
+        raise Diverged(
+            f"step {step}: {reason}; there is no checkpoint to roll back to yet (lower ckpt_every, or the learning "
+            f"rate). Samples {samples[:8]} are quarantined in {quarantine.path}."
+        )
+    state = engine.load(ckpt_dir)
+    sentinel.rolled_back(step, state["step"], reason, samples)
+    log.warning(
+        "step %d: %s: rolled back to step %d (rollback %d of at most %d); quarantined %d samples: %s",
+        step,
+        reason,
+        state["step"],
+        len(sentinel.rollbacks),
+        sentinel.max_rollbacks,
+        len(samples),
+        samples[:8],
+    )
+    return state
+
+
+def gather(items: list) -> list:
+    """Every rank's list, concatenated, on every rank (a host-side object gather)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return list(items)
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
 
 
 def progress_fields(row: dict) -> dict[str, str]:
@@ -165,15 +213,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         log.info("resumed from %s at step %d (%d samples seen)", ckpt_dir, step, samples_seen)
 
     # every rank of a sequence-parallel group reads the same batch; one of them records the skipped samples
-    loader = instantiate(cfg.data)(
+    open_loader = functools.partial(
+        instantiate(cfg.data),
         dp_rank=dist.dp_rank,
         dp_world=dist.dp_world,
         seed=cfg.seed,
-        state=state["data"],
         skip_dir=run_dir / "skipped" if dist.sp_rank == 0 else None,
         holdout=cfg.eval.val,
         val_urls=cfg.eval.val_urls,
     )
+    loader = open_loader(state=state["data"])
     data = loader.dataset
     text = vae = None
     if not data.encoded or cfg.eval.prompts:  # from features, the encoders are built only for fixed prompts
@@ -196,6 +245,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     )
     skipped = Counter(state["skipped"]) if step else Counter(s.reason for s in data.scan_skips)
     failed = Counter(state["failed"])  # this rank's decode failures
+    sentinel = Sentinel(**cfg.sentinel)  # non-finite steps are skipped, divergence is rolled back (src/sentinel.py)
+    if "sentinel" in state:
+        sentinel.load_state_dict(state["sentinel"])
+    quarantine = Quarantine(run_dir, dist.is_main)  # samples of rolled-back steps: never trained on again
+    faults = Faults(**cfg.faults)  # deliberate failures for drills (src/faults.py); none by default
+    faults.install(model)
+    blamed: list[tuple[list, list]] = []  # this rank's (standout, all) samples of each bad step since a good one
     logger = instantiate(cfg.logger)(
         run_dir=run_dir, enabled=dist.is_main, config=OmegaConf.to_container(cfg, resolve=True)
     )
@@ -227,17 +283,55 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         global_batches.check(batch["bucket"], len(batch["index"]) * dist.dp_world, step + 1)
         data_wait = time.perf_counter() - t0
 
-        valid = batch["valid"].to(device, non_blocking=True)  # (B,) False where a clip failed to decode
+        # (B,) False where a clip failed to decode or is quarantined
+        valid = (batch["valid"] & ~quarantine.mask(batch["key"])).to(device, non_blocking=True)
         x0, txt, vec = batch_features(batch, text, vae, device)  # (B, C, T', H', W'), (B, L, D), (B, Dv)
+        x0 = faults.corrupt(x0, batch["key"])
+        x0, txt, vec = (zero_where_invalid(x, valid) for x in (x0, txt, vec))
+        faults.arm(step + 1)
         losses = flow.training_losses(engine, x0, txt, vec, batch["index"], cfg.seed, null_txt[0], null_vec[0])
         if step == first_step or step % cfg.sp_guard_every == 0:
             check_sequence_batches(batch, losses["t"], cfg.seed, dist, step)  # no-op without sequence parallelism
-        loss = (losses["loss"] * valid).sum() / valid.sum().clamp(min=1)
+        loss = torch.where(valid, losses["loss"], 0.0).sum() / valid.sum().clamp(min=1)
         engine.backward(loss)
-        grad_norm = engine.step()
+        grad_norm = engine.step()  # a non-finite norm: the engine applied nothing
         step += 1
-        if cfg.ema is not None:
-            engine.update_ema(ema_decay(step, cfg.ema.decay, cfg.ema.warmup))
+        # the same verdict on every rank: from the loss over all ranks' valid samples and the global gradient norm
+        loss_sum, n_valid = all_mean(torch.stack([loss * valid.sum(), valid.sum().float()])).tolist()
+        verdict = sentinel.observe(loss_sum / n_valid if n_valid else None, float(grad_norm))
+        if verdict.action != "ok":  # the samples whose own loss stands out (or, on every rank, all of them)
+            out = standouts(batch["key"], torch.where(valid, losses["loss"], 0.0), sentinel.spike_level())
+            blamed.append((out, list(batch["key"])))
+            bad = out or list(batch["key"])
+            append_jsonl(
+                run_dir / "skipped" / f"nonfinite_rank{dist.rank}.jsonl",
+                [{"key": k, "step": step, "action": verdict.action, "reason": verdict.reason} for k in bad],
+            )
+            log.warning("step %d %s: %s (samples %s)", step, verdict.action, verdict.reason, bad[:8])
+        stopping = stop.requested()  # SIGUSR1/SIGTERM or RUN_DIR/STOP: checkpoint now, exit, resume later
+        due = cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps)
+        # a checkpoint is written after a good step (a rollback's target), at the end and when asked to stop
+        checkpointing = stopping or (due and (verdict.action == "ok" or step == cfg.steps))
+        if checkpointing and verdict.action != "rollback":  # never write non-finite weights
+            nonfinite = all_sum_counts({"weights": engine.count_nonfinite()})["weights"]
+            if nonfinite:
+                verdict = Verdict("rollback", f"{nonfinite} non-finite weights at step {step}, not checkpointed")
+        if verdict.action == "rollback":  # back to the last checkpoint, without the samples of the bad steps
+            state = roll_back(engine, ckpt_dir, sentinel, quarantine, step, verdict.reason, blame(gather(blamed)))
+            step, samples_seen = state["step"], state["samples_seen"]
+            skipped, failed = Counter(state["skipped"]), Counter(state["failed"])
+            set_rng_state(state["rng"])
+            batches, blamed, phase = iter(open_loader(state=state["data"])), [], None
+            window.reset()
+            breakdown.reset()
+            progress.n = step
+            if dist.is_main:
+                truncate_after(run_dir, step)
+            continue
+        if verdict.action == "ok":
+            blamed = []
+            if cfg.ema is not None:
+                engine.update_ema(ema_decay(step, cfg.ema.decay, cfg.ema.warmup))
         global_samples = len(batch["index"]) * dist.dp_world
         samples_seen += global_samples
         skipped.update(batch["plan_skipped"])
@@ -245,8 +339,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             failed.update(batch["failed"])
         video_tokens, text_tokens = math.prod(model.token_grid(x0.shape)), txt.shape[1]
         flops = step_flops(model, video_tokens, text_tokens, global_samples)
-        window.add(loss, data_wait, global_samples, global_samples * (video_tokens + text_tokens), flops)
-        breakdown.add(losses["loss"], losses["t"], valid, batch["bucket"])
+        good = verdict.action == "ok"  # a skipped step's time counts, its loss does not
+        tokens = global_samples * (video_tokens + text_tokens)
+        window.add(loss if good else None, data_wait, global_samples, tokens, flops)
+        if good:
+            breakdown.add(losses["loss"], losses["t"], valid, batch["bucket"])
         progress.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -254,12 +351,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             row["bucket"] = batch["bucket"]
             row |= breakdown.fields()  # loss_by_t, loss_by_bucket
             row["skipped"] = {**skipped, **all_sum_counts({r: failed[r] for r in FAILURES})}
+            row["skipped_steps"], row["rollbacks"] = sentinel.skipped, len(sentinel.rollbacks)
             logger.log(row)
             progress.set_postfix(progress_fields(row), refresh=False)
-        stopping = stop.requested()  # SIGUSR1/SIGTERM or RUN_DIR/STOP: checkpoint now, exit, resume later
-        checkpointing = stopping or (cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps))
         if checkpointing:
-            state = loop_state(step, samples_seen, batch, skipped, failed) | global_batches.state()
+            state = loop_state(step, samples_seen, batch, skipped, failed, sentinel) | global_batches.state()
             save_checkpoint(engine, ckpt_dir, step_tag(step), state, cfg.ckpt_keep)  # sealed, then `latest` moves
         evaluation = evaluator(engine, step)  # when due: validation loss, probes, fixed prompts, health
         if evaluation is not None:
@@ -267,7 +363,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             logger.log_videos(step, [Path(p) for p in evaluation.get("eval_videos", [])])
             if evaluator.stop_requested(evaluation):
                 if not checkpointing:
-                    state = loop_state(step, samples_seen, batch, skipped, failed) | global_batches.state()
+                    state = loop_state(step, samples_seen, batch, skipped, failed, sentinel) | global_batches.state()
                     save_checkpoint(engine, ckpt_dir, step_tag(step), state, cfg.ckpt_keep)
                 write_stage_report(run_dir, dist.is_main, evaluator, step)
                 raise LearningAlarm(f"step {step}: " + "; ".join(evaluation["alarms"] or ["an alarm on another rank"]))
@@ -294,6 +390,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except LearningAlarm as alarm:  # eval.alarms=stop: the step is checkpointed; say why and exit non-zero
         log.error("stopped by a learning alarm (eval.alarms=stop): %s", alarm)
         sys.exit(ALARM_EXIT)
+    except Diverged as err:  # the sentinel ran out of rollbacks: the last good checkpoint stays `latest`
+        log.error("stopped by the NaN/spike sentinel: %s", err)
+        sys.exit(DIVERGED_EXIT)
 
 
 def main() -> None:

@@ -427,3 +427,39 @@ def test_a_stop_request_checkpoints_and_the_same_command_resumes(tmp_path, how):
     extra = ["parallel=local"] if how == "SIGUSR1" else []
     rows = train(run_dir, f"steps={step + 2}", *extra, nproc=1 if how == "SIGUSR1" else 2)
     assert [r["step"] for r in rows][-3:] == [step, step + 1, step + 2]  # resumed, nothing lost or repeated
+
+
+def keys_of(step: int, dp_rank: int = 0, dp_world: int = 2) -> list[str]:
+    """The sample keys data-parallel rank `dp_rank` trains on at `step` (1-based) of the smoke run: the plan is
+    deterministic, so the test can aim a fault at them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["+experiment=smoke"])
+    batches = iter(instantiate(cfg.data)(dp_rank=dp_rank, dp_world=dp_world, seed=cfg.seed))
+    for _ in range(step - 1):
+        next(batches)
+    return next(batches)["key"]
+
+
+def test_the_sentinel_on_two_zero3_ranks(tmp_path):
+    # steps 3 and 4: a NaN sample on rank 0, skipped twice in a row: roll back to step 2's checkpoint, quarantine
+    # both samples, train on without them; step 6 (the last): an infinite gradient, skipped
+    nan = [keys_of(3)[0], keys_of(4)[0]]
+    rows = train(
+        tmp_path,
+        "steps=6",
+        EVERY_STEP,
+        "faults.inf_grad_steps=[6]",
+        f"faults.nan_samples=[{','.join(nan)}]",
+        "sentinel.skips_in_row=2",
+    )
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 logged once, after the rollback
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 2, 2, 2, 3] and rows[-1]["rollbacks"] == 1
+    quarantined = [json.loads(x)["key"] for x in (tmp_path / "skipped/quarantine.jsonl").read_text().splitlines()]
+    assert sorted(quarantined) == sorted(nan)
+    weights = {tag: load_model_weights(tmp_path, step_tag(tag))[0] for tag in range(1, 7)}
+    assert all(torch.isfinite(w).all() for ws in weights.values() for w in ws.values())
+    assert all(torch.equal(weights[5][k], weights[6][k]) for k in weights[5])  # the skipped step applied nothing
+    assert not all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])  # training went on

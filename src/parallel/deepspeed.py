@@ -146,9 +146,14 @@ class DeepSpeedEngine:
         self.ds.backward(loss)
 
     def step(self) -> torch.Tensor | float:
-        """Clip, optimizer step, schedule step; returns the global gradient norm before clipping."""
+        """Clip, optimizer step, schedule step; returns the global gradient norm before clipping. ZeRO refuses a
+        non-finite norm itself ("OVERFLOW! Skipping step": no update, the schedule does not advance) and returns inf."""
         self.ds.step()
         return self.ds.get_global_grad_norm()
+
+    def count_nonfinite(self) -> int:
+        """Non-finite elements in this rank's fp32 master shards (sum over ranks for the whole model)."""
+        return sum(int((~torch.isfinite(flat)).sum()) for _, flat in self._all_flats())
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

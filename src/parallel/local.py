@@ -64,13 +64,20 @@ class LocalEngine:
         loss.backward()
 
     def step(self) -> torch.Tensor:
+        """Clip, optimizer step, schedule step; returns the gradient norm before clipping. A non-finite norm
+        applies nothing (no weight or moment update, the schedule does not advance), as DeepSpeed does."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        if torch.isfinite(norm):  # a host sync, once per step
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def count_nonfinite(self) -> int:
+        """Non-finite elements in the weights (a checkpoint of such weights is never written)."""
+        return sum(int((~torch.isfinite(p)).sum()) for p in self.module.parameters())
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
