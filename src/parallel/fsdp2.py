@@ -8,8 +8,10 @@ average over N = dp x S ranks is the data-parallel mean (docs/parallel.md).
 
 Model transforms come first, in torchtitan's order: activation checkpointing -> per-block compile -> the Ulysses
 hooks -> `fully_shard`. The model arrives fully built on the host with the run's seed (the same values as the
-local engine's), and `fully_shard` keeps each rank's slice of every tensor: same seed, same weights, on any number
-of ranks (measured and discussed in docs/parallel.md).
+local engine's, bitwise), and `fully_shard` keeps each rank's slice of every tensor, block by block, freeing the
+host copy of each block as soon as it is sharded: same seed, same weights, on any number of ranks. The host peak
+during construction is one full fp32 model per rank (plus a block); the device never holds more than one block in
+full (measured in docs/parallel.md).
 
 Checkpoints (`RUN_DIR/checkpoints/step_N/`) are torch.distributed.checkpoint (DCP) folders that any world size
 reads back, resharded: `.metadata` + one `__<rank>_0.distcp` per writing rank holding the flat keys
@@ -133,15 +135,14 @@ class FSDP2Engine:
         compile_blocks(model, compile)
         self.sequence_parallel = SequenceParallel(model, sequence_group(sp_size)) if sp_size > 1 else None
         self.mesh = build_mesh(device.type, dist.get_world_size(), replicate)
-        mp = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if precision == "bf16"
-            else None
-        )
-        shard = dict(mesh=self.mesh, mp_policy=mp or MixedPrecisionPolicy())
-        for block in [*model.double_blocks, *model.single_blocks]:
-            fully_shard(block, reshard_after_forward=reshard_after_forward, **shard)
-        fully_shard(model.to(device), **shard)  # the root: embedders and the final layer
+        bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        policy = bf16 if precision == "bf16" else MixedPrecisionPolicy()
+        for module in [*model.double_blocks, *model.single_blocks, model]:  # the root last: embedders, final layer
+            full = [p for p in module.parameters() if not isinstance(p, DTensor)]
+            reshard = None if module is model else reshard_after_forward
+            fully_shard(module, mesh=self.mesh, mp_policy=policy, reshard_after_forward=reshard)
+            for p in full:  # now copied into this rank's slices (on the mesh's device): free the host copy at once
+                p.untyped_storage().resize_(0)
 
         self.module = model
         self.device = device
