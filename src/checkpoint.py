@@ -23,7 +23,7 @@ import torch
 from src.integrity import MANIFEST, refusal, verify
 from src.models.diffusers_flux import from_diffusers, is_diffusers_flux
 from src.parallel.engine import latest_tag
-from src.safe_load import load_tensors, refuse_unsafe_pickles
+from src.safe_load import load_tensors, refuse_unsafe_files, refuse_unsafe_pickles
 
 log = logging.getLogger("kiln.checkpoint")
 
@@ -74,14 +74,15 @@ def _resolve(run_or_ckpt: str | Path, tag: str | None) -> tuple[Path, str]:
 
 
 def check_intact(folder: Path) -> None:
-    """Refuse a checkpoint folder whose files do not match its manifest (hashing them all: about 1 GB/s); one
-    without a manifest (written before Kiln sealed checkpoints) is read with a warning."""
-    if not (folder / MANIFEST).is_file():
+    """Refuse a checkpoint folder whose files do not match its manifest (hashing them all: about 1 GB/s), or whose
+    pickles would run code; one without a manifest (written before Kiln sealed checkpoints) is read with a warning."""
+    if (folder / MANIFEST).is_file():
+        problems = verify(folder)
+        if problems:
+            raise ValueError(refusal(folder, problems))
+    else:
         log.warning("%s has no %s: its files cannot be checked", folder, MANIFEST)
-        return
-    problems = verify(folder)
-    if problems:
-        raise ValueError(refusal(folder, problems))
+    refuse_unsafe_files(folder)
 
 
 def is_released(path: str | Path) -> bool:

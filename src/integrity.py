@@ -35,6 +35,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from src.parallel.engine import latest_tag
+from src.safe_load import refuse_unsafe_files
 
 log = logging.getLogger("kiln.checkpoint")
 MANIFEST = "manifest.json"
@@ -195,7 +196,8 @@ def resume_tag(ckpt_dir: Path, policy: str = "latest") -> str | None:
     """The verified checkpoint to resume from, or None for a fresh start (no `latest`).
 
     `policy="latest"` refuses a `latest` that is not intact, naming every bad file. "latest_intact" takes the
-    newest intact checkpoint instead (logging what it skipped and why) and points `latest` at it. A collective."""
+    newest intact checkpoint instead (logging what it skipped and why) and points `latest` at it. Either way a
+    checkpoint whose pickles would run code is refused (`src.safe_load`). A collective."""
     if policy not in POLICIES:
         raise ValueError(f"resume={policy!r} is not one of {POLICIES}")
     ckpt_dir = Path(ckpt_dir)
@@ -210,6 +212,7 @@ def resume_tag(ckpt_dir: Path, policy: str = "latest") -> str | None:
             return None
         problems = verify(ckpt_dir / tag)
         if not problems:
+            refuse_unsafe_files(ckpt_dir / tag)
             return tag
         if policy == "latest":
             raise ValueError(refusal(ckpt_dir / tag, problems))
@@ -219,6 +222,7 @@ def resume_tag(ckpt_dir: Path, policy: str = "latest") -> str | None:
             continue
         problems = verify(folder)
         if not problems:
+            refuse_unsafe_files(folder)
             log.warning("resume=latest_intact: resuming from %s; skipped: %s", folder, " | ".join(skipped))
             write_latest(ckpt_dir, folder.name)
             _barrier()

@@ -7,6 +7,7 @@ The plain engine in one process writes the checkpoints here; tests/test_train.py
 import functools
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from src.checkpoint import load_model_weights, rng_state, set_rng_state
-from src.integrity import MANIFEST, file_sha256, prune, resume_tag, save_checkpoint, seal, verify
+from src.integrity import MANIFEST, file_sha256, prune, resume_tag, save_checkpoint, seal, verify, write_latest
 from src.metrics import read_metrics
 from src.models.mmdit import MMDiT
 from src.parallel.deepspeed import check_zero_world
@@ -201,6 +202,27 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(saved, tmp_path):
         make_engine().load(saved)
     with pytest.raises(ValueError, match="would run code"):
         refuse_unsafe_pickles([blob])  # what runs before DeepSpeed's own loads
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_distributed_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path):
+    # torch.distributed.checkpoint (the FSDP2 engine's format) unpickles `.metadata` with pickle.load
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "step_00000001"
+    state = {"model.w": torch.randn(3, 4), "ema.w": torch.zeros(3, 4, dtype=torch.bfloat16), "step": torch.tensor(2.0)}
+    dcp.save(state, checkpoint_id=folder, no_dist=True)
+    seal(folder)
+    write_latest(tmp_path, folder.name)
+    assert resume_tag(tmp_path) == folder.name  # its own dataclasses, sizes and dtypes only
+    marker = tmp_path / "code_ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    seal(folder)
+    with pytest.raises(ValueError, match=r"\.metadata would run code when loaded: its pickle names \['posix.mkdir'\]"):
+        resume_tag(tmp_path)
+    with pytest.raises(ValueError, match="would run code"):
+        load_model_weights(tmp_path)
     assert not marker.exists()
 
 
