@@ -40,6 +40,7 @@ from src.preemption import StopRequest, clear_stale_stop
 from src.profiler import StepProfiler
 from src.resume import GlobalBatches, check_writable
 from src.sentinel import DIVERGED_EXIT, Diverged, Quarantine, Sentinel, Verdict, append_jsonl, blame, standouts
+from src.watchdog import Watchdog
 
 log = logging.getLogger("kiln.train")
 ALARM_EXIT = 3  # exit status of a run stopped by a learning alarm
@@ -165,7 +166,7 @@ def check_knobs(cfg: DictConfig) -> None:
 def train(cfg: DictConfig, run_dir: str | Path) -> None:
     """Train `cfg.steps` optimizer steps, resuming from RUN_DIR/checkpoints when it holds a checkpoint."""
     check_knobs(cfg)
-    dist = init_distributed(cfg.dist_backend, sp_size=cfg.parallel.get("sp_size", 1))
+    dist = init_distributed(cfg.dist_backend, sp_size=cfg.parallel.get("sp_size", 1), timeout_s=cfg.dist_timeout_s)
     run_dir = Path(run_dir).resolve()
     if dist.is_main:
         clear_stale_stop(run_dir)
@@ -266,6 +267,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         )
 
     stop = StopRequest(run_dir)
+    watchdog = Watchdog(run_dir, dist.rank, dist.world_size, cfg.watchdog_s, step)  # a stuck rank ends the job
     progress = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     window = StepWindow(
         device, dist.world_size, peak_flops(device, cfg.parallel.get("precision", "fp32"), cfg.peak_tflops)
@@ -275,6 +277,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     batches = iter(loader)
     phase, first_step = None, step
     while step < cfg.steps:
+        watchdog.beat(step)
         profiler.at(step)
         if plan.phase(step) != phase:  # freeze schedule: at start, and where a phase begins
             phase = enter_phase(plan, engine, step, default_weight_decay, run_dir if dist.is_main else None)
@@ -377,6 +380,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             break
     profiler.at(step, final=True)
     write_stage_report(run_dir, dist.is_main, evaluator, step)
+    watchdog.close()
     stop.close(dist.is_main)
     progress.close()
     logger.close()

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,7 @@ def check_sp_size(sp_size: int, world_size: int) -> None:
 
 
 _SP_GROUPS: dict[int, dist.ProcessGroup | None] = {}
+_TIMEOUT: list[timedelta | None] = [None]  # the process-group timeout init_distributed was given (None: torch's)
 
 
 def sequence_group(sp_size: int) -> dist.ProcessGroup | None:
@@ -80,7 +82,7 @@ def sequence_group(sp_size: int) -> dist.ProcessGroup | None:
         rank, world = dist.get_rank(), dist.get_world_size()
         check_sp_size(sp_size, world)
         for first in range(0, world, sp_size):
-            group = dist.new_group(list(range(first, first + sp_size)))
+            group = dist.new_group(list(range(first, first + sp_size)), timeout=_TIMEOUT[0])
             if first <= rank < first + sp_size:
                 _SP_GROUPS[sp_size] = group
     return _SP_GROUPS[sp_size]
@@ -110,12 +112,16 @@ def resolve_backend(backend: str, cuda: bool) -> str:
     return backend
 
 
-def init_distributed(backend: str = "auto", sp_size: int = 1) -> DistInfo:
+def init_distributed(backend: str = "auto", sp_size: int = 1, timeout_s: float | None = None) -> DistInfo:
     """Join (or create) the default process group from torchrun's environment, and the sequence-parallel groups.
 
     A plain `python -m ...` run becomes a one-process group, so every engine sees the same world.
     backend: one of BACKENDS (see `resolve_backend`). sp_size: ranks per sequence-parallel group.
+    timeout_s: how long a collective may wait for the other ranks before it fails (gloo raises, NCCL's watchdog
+    aborts the process); None keeps torch's default (30 min for gloo, 10 for NCCL).
     """
+    if timeout_s is not None and timeout_s <= 0:
+        raise ValueError(f"dist_timeout_s must be > 0 seconds, got {timeout_s}")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -129,9 +135,10 @@ def init_distributed(backend: str = "auto", sp_size: int = 1) -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        _TIMEOUT[0] = timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=_TIMEOUT[0])
         if rank == 0:
-            log.info("process group %s over %d rank(s)", backend, world)
+            log.info("process group %s over %d rank(s), timeout %s", backend, world, _TIMEOUT[0] or "torch's default")
     group = sequence_group(sp_size)
     return DistInfo(rank, world, local_rank, device, sp_size=sp_size, sp_group=group)
 
