@@ -23,6 +23,7 @@ The manifest knows nothing of engines: it hashes whatever files the folder holds
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -72,7 +73,7 @@ def _rank_world() -> tuple[int, int]:
 
 def _gather(obj: object) -> list:
     """`obj` from every rank, in rank order (a list of one without a process group)."""
-    rank, world = _rank_world()
+    world = _rank_world()[1]
     if world == 1:
         return [obj]
     out = [None] * world
@@ -248,16 +249,20 @@ def prune(ckpt_dir: Path, keep: int | None) -> list[str]:
     return [f.name for f in doomed]
 
 
+def _current(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names, or None (no `latest`, an empty one, one naming a missing folder)."""
+    try:
+        return latest_tag(ckpt_dir)
+    except ValueError:
+        return None
+
+
 def _prepare(folder: Path, ckpt_dir: Path) -> None:
     """Rank 0: a tag folder left by an interrupted save is emptied; the one `latest` names loses only its manifest
     (it is unsealed while it is rewritten)."""
     if _rank_world()[0] != 0 or not folder.exists():
         return
-    try:
-        current = latest_tag(ckpt_dir)
-    except ValueError:
-        current = None
-    if folder.name == current:
+    if folder.name == _current(ckpt_dir):
         (folder / MANIFEST).unlink(missing_ok=True)
     else:
         shutil.rmtree(folder)
@@ -270,13 +275,14 @@ def save_failure(folder: Path, err: BaseException) -> OSError:
     except OSError:
         free = None
     written = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
-    sealed = [f for f in step_folders(folder.parent) if (f / MANIFEST).is_file()]
-    needed = sum(e["size"] for e in read_manifest(sealed[0])["files"].values()) if sealed else written
-    full = getattr(err, "errno", None) == 28 or (free is not None and free <= max(needed - written, 1 << 20))
-    previous = f"`latest` still names {sealed[0].name}, which resumes" if sealed else "no checkpoint is complete yet"
+    current, needed = _current(folder.parent), written
+    if current and (folder.parent / current / MANIFEST).is_file():
+        needed = sum(e["size"] for e in read_manifest(folder.parent / current)["files"].values())
+    full = getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free <= max(needed - written, 1 << 20))
+    previous = f"`latest` still names {current}, which resumes" if current else "no checkpoint is complete yet"
     if full:
         return OSError(
-            28,
+            errno.ENOSPC,
             f"no space left on the filesystem of {folder.parent} while writing checkpoint {folder.name} "
             f"({free} bytes free; a checkpoint takes about {needed} bytes; {type(err).__name__}: {err}). Free space "
             f"(ckpt_keep=N keeps only the newest N checkpoints) or move the run directory; {previous}.",
