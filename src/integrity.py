@@ -176,7 +176,12 @@ def verify(folder: Path) -> list[str]:
 def step_folders(ckpt_dir: Path) -> list[Path]:
     """The `step_N` folders of a checkpoints directory, newest (highest step) first."""
     found = [p for p in Path(ckpt_dir).glob("step_*") if p.is_dir() and _STEP.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP.match(p.name)[1]), reverse=True)
+    return sorted(found, key=lambda p: _step(p.name), reverse=True)
+
+
+def _step(tag: str) -> int:
+    match = _STEP.match(tag)
+    return int(match[1]) if match else -1
 
 
 def write_latest(ckpt_dir: Path, tag: str) -> None:
@@ -204,22 +209,26 @@ def resume_tag(ckpt_dir: Path, policy: str = "latest") -> str | None:
     ckpt_dir = Path(ckpt_dir)
     try:
         tag = latest_tag(ckpt_dir)
-    except ValueError as err:
+    except ValueError as err:  # an empty `latest`, or one naming a missing folder
         if policy == "latest":
             raise
-        tag, skipped = "", [str(err)]
-    else:
-        if tag is None:
-            return None
-        problems = verify(ckpt_dir / tag)
-        if not problems:
-            refuse_unsafe_files(ckpt_dir / tag)
-            return tag
-        if policy == "latest":
-            raise ValueError(refusal(ckpt_dir / tag, problems))
-        skipped = [f"{tag}: " + "; ".join(problems)]
+        return _newest_intact(ckpt_dir, [str(err)])
+    if tag is None:
+        return None
+    problems = verify(ckpt_dir / tag)
+    if not problems:
+        refuse_unsafe_files(ckpt_dir / tag)
+        return tag
+    if policy == "latest":
+        raise ValueError(refusal(ckpt_dir / tag, problems))
+    return _newest_intact(ckpt_dir, [f"{tag}: " + "; ".join(problems)], skip=tag)
+
+
+def _newest_intact(ckpt_dir: Path, skipped: list[str], skip: str = "") -> str:
+    """resume=latest_intact: the newest checkpoint that verifies, now named by `latest`; `skipped` says why the
+    others were passed over."""
     for folder in step_folders(ckpt_dir):
-        if folder.name == tag:
+        if folder.name == skip:
             continue
         problems = verify(folder)
         if not problems:
@@ -233,15 +242,19 @@ def resume_tag(ckpt_dir: Path, policy: str = "latest") -> str | None:
 
 
 def prune(ckpt_dir: Path, keep: int | None) -> list[str]:
-    """Delete the checkpoints older than the newest `keep` sealed ones (rank 0; None keeps all). Returns the tags."""
-    if keep is None or _rank_world()[0] != 0:
+    """Delete the checkpoints older than the newest `keep` sealed ones up to the one `latest` names (rank 0; None
+    keeps all). Folders past `latest` (left by a run that resumed from an older checkpoint) are not counted and
+    not deleted. Returns the deleted tags."""
+    current = _current(ckpt_dir)
+    if keep is None or _rank_world()[0] != 0 or current is None:
         return []
     folders = step_folders(ckpt_dir)
-    sealed = [f for f in folders if (f / MANIFEST).is_file()]
+    newest = _step(current)
+    sealed = [f for f in folders if (f / MANIFEST).is_file() and _step(f.name) <= newest]
     if len(sealed) <= keep:
         return []
-    oldest_kept = int(_STEP.match(sealed[keep - 1].name)[1])
-    doomed = [f for f in folders if int(_STEP.match(f.name)[1]) < oldest_kept]
+    oldest_kept = _step(sealed[keep - 1].name)
+    doomed = [f for f in folders if _step(f.name) < oldest_kept]
     for folder in doomed:
         shutil.rmtree(folder)
     if doomed:

@@ -108,8 +108,9 @@ def test_no_latest_is_a_fresh_start_and_a_rewritten_tag_is_resealed(saved, tmp_p
 def test_ckpt_keep_deletes_all_but_the_newest_sealed_checkpoints(saved):
     (saved / "step_00000002" / MANIFEST).unlink()  # unsealed: not counted among the kept, older ones go
     assert prune(saved, None) == []
+    shutil.copytree(saved / "step_00000003", saved / "step_00000005")  # past `latest`: a run resumed from before it
     assert prune(saved, 1) == ["step_00000002", "step_00000001"]
-    assert sorted(p.name for p in saved.glob("step_*")) == ["step_00000003"]
+    assert sorted(p.name for p in saved.glob("step_*")) == ["step_00000003", "step_00000005"]
 
 
 def test_the_manifest_covers_any_engine_layout(tmp_path):
