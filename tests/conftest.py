@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+
+from src.config import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,8 +19,7 @@ def clean_env() -> dict[str, str]:
 
 
 def tiny_model_kwargs(**overrides) -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/mmdit_tiny.yaml"))
-    cfg.pop("_target_")
+    cfg = model_config("mmdit_tiny", vae="patch")
     cfg.update(overrides)
     return cfg
 

@@ -73,8 +73,30 @@ def test_every_group_option_names_a_target():
         assert "_target_" in node or "defaults" in node, path
 
 
+@pytest.mark.parametrize(
+    ("overrides", "channels"),
+    [((), 48), (("vae.spatial=8",), 192), (("vae=dcae_tiny",), 128), (("vae=hunyuan_tiny", "model=mmdit_11b"), 16)],
+)
+def test_model_in_channels_follow_the_vae(overrides, channels):
+    cfg = compose_experiment("smoke", overrides)
+    assert cfg.model.in_channels == channels
+    assert OmegaConf.to_container(cfg.model, resolve=True)["in_channels"] == channels  # as config.yaml records it
+
+
+def test_no_experiment_restates_the_vae_channels():
+    for path in (ROOT / "conf/experiment").glob("*.yaml"):
+        assert "in_channels" not in OmegaConf.load(path).get("model", {}), path
+
+
+def test_a_vae_config_without_target_is_named():
+    cfg = OmegaConf.create({"vae": {"spatial": 4}, "model": {"in_channels": "${latent_channels:${vae}}"}})
+    with pytest.raises(ValueError, match=r"needs a VAE config with a _target_, got keys \['spatial'\]"):
+        _ = cfg.model.in_channels
+
+
 def test_mismatched_encoders_are_refused():
-    cfg = compose_experiment("smoke", ("model=mmdit_1b",))
+    # the channels follow the VAE; one stated by hand against it is still caught at start
+    cfg = compose_experiment("smoke", ("model=mmdit_1b", "model.in_channels=16"))
     with torch.device("meta"):
         model = instantiate(cfg.model)
     with pytest.raises(ValueError, match=r"in_channels=16 but the VAE gives 48.*txt_dim=4096"):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from src.config import model_config
 from src.flops import peak_flops, peak_memory_gb, step_flops, token_weights
 from src.models.mmdit import MMDiT
 from tests.conftest import tiny_model_kwargs
@@ -43,12 +44,7 @@ def test_formula_matches_the_flop_counter(monkeypatch, cond):
 
 
 def test_token_weights_of_the_11b_model():
-    from omegaconf import OmegaConf
-
-    from tests.conftest import ROOT
-
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/mmdit_11b.yaml"))
-    cfg.pop("_target_")
+    cfg = model_config("mmdit_11b", vae="hunyuan")
     with torch.device("meta"):
         model = MMDiT(**cfg)
     video, text = token_weights(model)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 import src.models.attention
+from src.config import model_config
 from src.models.mmdit import MMDiT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,8 +147,7 @@ def smallest_checkpointing(counts: RankActivations, budget_gb: float) -> tuple[i
 
 
 def _model(name: str) -> MMDiT:
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model" / f"{name}.yaml"))
-    cfg.pop("_target_")
+    cfg = model_config(name, vae="hunyuan")  # the 11B and 1B flavors' VAE
     with torch.device("meta"):
         return MMDiT(**cfg).to(torch.bfloat16)
 

@@ -287,6 +287,11 @@ class VideoDCAE(nn.Module):
         return tiled(self.decoder, z, *self.decode_tiles).float()  # (B, 3, T, H, W)
 
     @classmethod
+    def latent_channels_of(cls, **kwargs: Any) -> int:
+        """The latent channels of a config with these constructor arguments, without building it."""
+        return constructor_args(cls, **kwargs)["latent_channels"]
+
+    @classmethod
     def provenance(cls, **kwargs: Any) -> dict:
         """What a cache encoded with this VAE depends on (see `src.models.vae`); builds nothing, loads no weights."""
         args = constructor_args(cls, **kwargs)

@@ -108,6 +108,13 @@ class HunyuanVAE(nn.Module):
         self.shift_factor = shift_factor
 
     @classmethod
+    def latent_channels_of(cls, **kwargs: Any) -> int:
+        """The latent channels of a config with these constructor arguments (its `arch`, or a diffusers
+        directory's config.json), without building it or reading weights."""
+        args = constructor_args(cls, **kwargs)
+        return _architecture(args["path"], args["arch"]).get("latent_channels", 16)
+
+    @classmethod
     def provenance(cls, **kwargs: Any) -> dict:
         """What a cache encoded with this VAE depends on (see `src.models.vae`); reads no weights into memory."""
         args = constructor_args(cls, **kwargs)

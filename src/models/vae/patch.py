@@ -6,9 +6,13 @@ VAEs (HunyuanVideo, Video DC-AE): encode/decode, compression factors, channels, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from einops import rearrange
 from torch import nn
+
+from src.models.provenance import constructor_args
 
 
 class PatchVAE(nn.Module):
@@ -66,6 +70,12 @@ class PatchVAE(nn.Module):
         return rearrange(z, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)", pt=pt, ph=s, pw=s)
 
     @classmethod
+    def latent_channels_of(cls, **kwargs: Any) -> int:
+        """The latent channels of a config with these constructor arguments, without building it."""
+        args = constructor_args(cls, **kwargs)
+        return args["channels"] * args["temporal"] * args["spatial"] ** 2
+
+    @classmethod
     def provenance(
         cls,
         spatial: int = 4,
@@ -81,7 +91,7 @@ class PatchVAE(nn.Module):
             "dtype": "float32",
             "spatial_compression": spatial,
             "temporal_compression": temporal,
-            "latent_channels": channels * temporal * spatial * spatial,
+            "latent_channels": cls.latent_channels_of(spatial=spatial, temporal=temporal, channels=channels),
             "scaling_factor": scaling_factor,
             "shift_factor": shift_factor,
             "tiling": None,
