@@ -52,3 +52,12 @@ def test_activation_count_of_one_block_of_each_kind_equals_the_whole_models():
     assert counts.blocks == whole["blocks"] and counts.other == whole["other"]
     assert len(model.double_blocks) == 3 and len(model.single_blocks) == 2  # restored after counting
     assert counts.block_input == 3 * rank_activations(model, 64, 6, sp=1).block_input
+
+
+def test_the_plan_follows_the_engine():
+    zero3 = memory_plan(compose_experiment("dcae"))
+    fsdp2 = memory_plan(compose_experiment("dcae", ("parallel=fsdp2",)))
+    local = memory_plan(compose_experiment("dcae", ("parallel=local", "parallel.precision=bf16")))
+    assert fsdp2.fits() and fsdp2.model_states_gib == pytest.approx(zero3.model_states_gib)  # 16 B/param over 8
+    assert local.model_states_gib == pytest.approx(8 * zero3.model_states_gib) and not local.fits()  # 11B unsharded
+    assert local.gathered_gib == local.buffers_gib == 0 < fsdp2.gathered_gib < zero3.gathered_gib

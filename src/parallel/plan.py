@@ -2,11 +2,11 @@
 
 For every bucket of the config, one rank's peak is planned as the sum of
 - model states: parameters, gradients and optimizer states (fp32 master + AdamW moments), the sharded ones divided
-  over `sized_for.gpus` ranks (ZeRO stage 1-3; `parallel=local` shards nothing),
-- the parameters ZeRO-3 holds gathered at once (`stage3_max_live_parameters`, DeepSpeed's default 1e9), in the
-  compute dtype,
-- the gradient reduce buckets (`reduce_bucket_size`, default 5e8 elements, in `parallel.reduce_dtype`; twice: the
-  bucket and the reduce-scatter's buffers),
+  over `sized_for.gpus` ranks (ZeRO stage 1-3, FSDP2; `parallel=local` shards nothing),
+- the parameters held gathered at once: ZeRO-3's `stage3_max_live_parameters` (DeepSpeed's default 1e9), FSDP2's
+  two blocks, in the compute dtype,
+- the gradient reduction buffers: ZeRO's two `reduce_bucket_size` buckets (default 5e8 elements, in
+  `parallel.reduce_dtype`: the bucket and the reduce-scatter's buffers), FSDP2's two blocks in fp32,
 - the activations the step saves for backward at the bucket's batch and token count, with the config's activation
   checkpointing and sequence parallelism, counted by `src.parallel.activations` on the meta device,
 and must stay within HEADROOM of `sized_for.gpu_memory_gib`: the rest is the CUDA context, allocator
@@ -107,6 +107,35 @@ def _meta_vae(vae_yaml: str):
         return instantiate(cfg, **({"random_init": True} if "random_init" in cfg else {}))
 
 
+def engine_bytes(par: DictConfig, model: torch.nn.Module, gpus: int) -> tuple[float, float, float]:
+    """(model states, gathered weights, communication buffers) in bytes on one rank for the configured engine.
+
+    ZeRO: states by stage; stage 3 keeps up to `stage3_max_live_parameters` gathered; two reduce buckets of
+    `reduce_bucket_size` elements in `reduce_dtype`. FSDP2: everything sharded over the ranks of a replica; two
+    blocks gathered (the one computed and the one prefetched), and their gradients reduced in fp32. Local: nothing
+    sharded, gathered or bucketed."""
+    engine = par._target_.rsplit(".", 1)[-1]
+    precision, compute = par.precision, DTYPE_BYTES[par.precision]
+    n_params = sum(p.numel() for p in model.parameters())
+    block = max(sum(p.numel() for p in b.parameters()) for b in [*model.double_blocks, *model.single_blocks])
+    if engine == "LocalEngine":
+        return n_params * state_bytes_per_param(precision, 0, 1), 0.0, 0.0
+    if engine == "FSDP2Engine":
+        shards = gpus // par.get("replicate", 1)
+        states = n_params * state_bytes_per_param(precision, 3, shards)
+        return states, 2 * block * compute, 2 * block * DTYPE_BYTES["fp32"]
+    if engine == "DeepSpeedEngine":
+        stage, options = par.zero_stage, par.get("zero_options") or {}
+        live = min(n_params, options.get("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS))
+        bucket = options.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE)
+        reduce = DTYPE_BYTES[par.get("reduce_dtype", "fp32")]
+        states = n_params * state_bytes_per_param(precision, stage, gpus)
+        return states, live * compute if stage == 3 else 0.0, 2 * bucket * reduce
+    raise ValueError(
+        f"no memory plan for parallel._target_={par._target_!r} (LocalEngine, DeepSpeedEngine, FSDP2Engine)"
+    )
+
+
 def memory_plan(cfg: DictConfig, gpus: int | None = None, gpu_memory_gib: float | None = None) -> MemoryPlan:
     """The plan of a composed training config on `sized_for` (or the given) GPUs."""
     gpus = gpus or cfg.sized_for.gpus
@@ -114,18 +143,10 @@ def memory_plan(cfg: DictConfig, gpus: int | None = None, gpu_memory_gib: float 
     if not gpus or not memory:
         raise ValueError(f"no GPUs to plan for: sized_for is {dict(cfg.sized_for)} (a CPU config?)")
     par = cfg.parallel
-    precision, zero_stage = par.precision, par.get("zero_stage", 0)
-    sp = par.get("sp_size", 1)
-    model = _meta_model(OmegaConf.to_yaml(cfg.model, resolve=True), precision)
-    n_params = sum(p.numel() for p in model.parameters())
-    options = par.get("zero_options") or {}
-    compute = DTYPE_BYTES[precision]
-    states = n_params * state_bytes_per_param(precision, zero_stage, gpus)
-    gathered = min(n_params, options.get("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS)) * compute
-    gathered = gathered if zero_stage == 3 else 0
-    reduce = DTYPE_BYTES[par.get("reduce_dtype", "fp32")]
-    buffers = 2 * options.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE) * reduce if zero_stage else 0
+    model = _meta_model(OmegaConf.to_yaml(cfg.model, resolve=True), par.precision)
+    states, gathered, buffers = engine_bytes(par, model, gpus)
     fixed = states + gathered + buffers
+    sp = par.get("sp_size", 1)
     vae, buckets = _meta_vae(OmegaConf.to_yaml(cfg.vae, resolve=True)), instantiate(cfg.data.buckets)
     text = cfg.text.max_length
     checkpointing = (par.checkpoint_double, par.checkpoint_single)
