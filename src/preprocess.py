@@ -34,6 +34,7 @@ from src.data.feature_shards import merge_stats, sidecar_path, tensor_stats, wri
 from src.data.provenance import check_provenance, kiln_version
 from src.data.shards import ClipOptions, failure_reason
 from src.data.video import VideoDecodeError
+from src.diffusion.condition import IMAGE_KEYS, check_weights, needed_images
 from src.parallel.dist import barrier, init_distributed
 
 log = logging.getLogger("kiln.preprocess")
@@ -49,7 +50,7 @@ def output_path(out_dir: Path, url: str) -> Path:
 class ShardEncoder:
     """Encodes the samples of source shards into feature-shard contents with one text encoder and one VAE."""
 
-    def __init__(self, text, vae, buckets: BucketConfig, clips: ClipOptions, seed: int, storage: dict[str, str]):
+    def __init__(self, text, vae, buckets: BucketConfig, clips: ClipOptions, seed: int, storage: dict[str, Any]):
         self.text, self.vae, self.buckets, self.clips, self.seed = text, vae, buckets, clips, seed
         self.latent_dtype = getattr(torch, storage["latent_dtype"])
         self.text_dtype = getattr(torch, storage["text_dtype"])
@@ -58,14 +59,22 @@ class ShardEncoder:
         self.null = {"null_txt": null_txt[0].to(self.text_dtype), "null_vec": null_vec[0].to(self.text_dtype)}
         # Open-Sora samples the VAE posterior at training: keep its mean and std, the loader draws per step
         self.latent_keys = ("latent", "latent_std") if vae.describe()["posterior"] == "sample" else ("latent",)
+        # the I2V condition's given frames, each encoded alone as Open-Sora encodes them (src/diffusion/condition.py)
+        self.images = tuple(storage.get("cond_images", ()))
+        self.latent_keys += tuple(IMAGE_KEYS[name] for name in self.images)
 
     def encode_video(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
         """`latent` (B, C, T', H', W') of clips (B, 3, T, H, W), and `latent_std` (the posterior's std in latent
-        units, `src.models.vae.posterior`) when the VAE's posterior is sampled."""
+        units, `src.models.vae.posterior`) when the VAE's posterior is sampled, and `image_head` / `image_tail`
+        (B, C, 1, H', W'), the first / last frame encoded alone, when the run's I2V condition places them."""
         if "latent_std" in self.latent_keys:
             mean, std = self.vae.encode_posterior(video)
-            return {"latent": mean, "latent_std": std}
-        return {"latent": self.vae.encode(video)}
+            out = {"latent": mean, "latent_std": std}
+        else:
+            out = {"latent": self.vae.encode(video)}
+        for name in self.images:
+            out[IMAGE_KEYS[name]] = self.vae.encode(video[:, :, :1] if name == "head" else video[:, :, -1:])
+        return out
 
     def assign(self, shard: ShardInfo) -> dict[Bucket, list]:
         """Samples of a shard grouped by bucket (a coin seeded by the shard name and key: stable on re-runs)."""
@@ -134,7 +143,7 @@ class ShardEncoder:
         return written, skipped, {name: merge_stats(parts) for name, parts in stats.items()}
 
 
-def provenance(text, vae, clips: ClipOptions, seed: int, storage: dict[str, str]) -> dict[str, Any]:
+def provenance(text, vae, clips: ClipOptions, seed: int, storage: dict[str, Any]) -> dict[str, Any]:
     """The shard-independent part of every header: encoders, clip options, storage dtypes, Kiln's version."""
     return {
         "text": text.describe(),
@@ -161,6 +170,9 @@ def preprocess(cfg: DictConfig) -> dict[str, Any]:
     if len(set(outputs)) != len(outputs):
         raise ValueError(f"source shards {urls} do not have distinct file names; feature shards would collide")
     storage = {"latent_dtype": source.latent_dtype, "text_dtype": source.text_dtype}
+    images = needed_images(check_weights(cfg.diffusion.get("cond")))
+    if images:  # a text-to-video cache's provenance stays as it was
+        storage["cond_images"] = list(images)
     clips = ClipOptions(source.fps, source.frame_stride, source.crop)
 
     torch.manual_seed(cfg.seed)

@@ -3,6 +3,12 @@
 Rebuilds the model, VAE and text encoder from RUN_DIR/config.yaml, loads the consolidated weights of a
 checkpoint (the latest by default), integrates the flow with the Euler sampler and classifier-free
 guidance, decodes with the configured VAE and writes one mp4 per prompt.
+
+A model trained with I2V conditions (`diffusion.cond`) also takes given frames: `--image first.png` (the first
+frame, `--cond-type i2v_head`), `--cond-type i2v_tail` (the last), `i2v_loop` (the first `--image` first, the last
+one last). Each image is resized and centre-cropped to the sample's size and encoded alone through the run's VAE;
+the condition is Open-Sora's cat(mask, masked latent), guided with `--image-guidance`, and the given latents are put
+back in place before decoding (`src/diffusion/condition.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from omegaconf import OmegaConf
 
 from src.checkpoint import load_model_weights
 from src.data.video import write_mp4
+from src.diffusion.condition import COND_TYPES, build_condition, place_given
 from src.diffusion.sampler import euler_sample
 from src.models.diffusers_flux import is_diffusers_flux
 
@@ -55,12 +62,18 @@ def sample_prompts(
     guidance: float = 4.0,
     fps: int = 8,
     batch: int = 16,
+    cond: torch.Tensor | None = None,
+    image_options: dict | None = None,
+    keep_frames=None,
 ) -> tuple[list[Path], torch.Tensor | None]:
     """One video per prompt: prompt i from noise seeded `seed + i` of shape (C, T', H', W'), Euler + CFG through
     `velocity(x, txt, vec, t)`, `batch` prompts at a time (the noise, hence the video, does not depend on it).
     With `out_dir`: decoded, written to `out_dir/NN_<prompt>.mp4`; returns (paths, videos (N, 3, T, H, W) in
     [-1, 1] on the CPU). With `out_dir` None the sampling still runs (a ZeRO-3 rank must take part in every
-    forward) but nothing is decoded or written: ([], None)."""
+    forward) but nothing is decoded or written: ([], None). cond (1, 1 + C, T', H', W'): the same I2V condition for
+    every prompt (`build_condition`; a model trained with conditions needs one, all zeros for T2V), its given frames
+    put back before decoding, as Open-Sora does; image_options: `euler_sample`'s image-guidance settings;
+    keep_frames: decoded (b, 3, T, H, W) -> the frames to keep (`drop_duplicates`)."""
     if batch < 1:
         raise ValueError(f"sampling batch must be >= 1, got {batch}")
     paths, videos = [], []
@@ -73,11 +86,15 @@ def sample_prompts(
             ]
         ).to(device)  # (b, C, T', H', W')
         txt, vec = text(chunk)
-        z = euler_sample(velocity, noise, txt, vec, null_txt[0], null_vec[0], steps=steps, guidance=guidance)
+        extra = {} if cond is None else {"cond": cond.expand(len(chunk), *cond.shape[1:]), **(image_options or {})}
+        z = euler_sample(velocity, noise, txt, vec, null_txt[0], null_vec[0], steps=steps, guidance=guidance, **extra)
+        if cond is not None:
+            z = place_given(z, extra["cond"])  # (b, C, T', H', W')
         if out_dir is None:
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
-        for i, video in enumerate(vae.decode(z.float()).clamp(-1, 1).cpu()):  # (3, T, H, W)
+        decoded = vae.decode(z.float()).clamp(-1, 1).cpu()  # (b, 3, T, H, W)
+        for i, video in enumerate(keep_frames(decoded) if keep_frames else decoded):  # (3, T, H, W)
             videos.append(video)
             n = first + i
             paths.append(write_mp4(out_dir / f"{n:02d}_{slug(prompts[n])}.mp4", video, fps))
@@ -94,6 +111,63 @@ def pick_shape(cfg, vae, frames: int | None = None, height: int | None = None, w
     return vae.latent_shape(frames, height, width)
 
 
+def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image file as one frame (1, 3, 1, height, width) in [-1, 1]: resized to cover, then centre-cropped (as
+    Open-Sora's resize_crop)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        scale = max(height / img.height, width / img.width)
+        size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+        if size != img.size:
+            img = img.resize(size, Image.BICUBIC)
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+        img = img.crop((left, top, left + width, top + height))
+        pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return (pixels.permute(2, 0, 1).float() / 127.5 - 1)[None, :, None]  # (1, 3, 1, H, W)
+
+
+def condition_for(cfg, vae, latent: tuple[int, ...], images: list[Path], cond_type: str, device) -> torch.Tensor | None:
+    """The I2V condition (1, 1 + C, T', H', W') of a sample of `latent` (C, T', H', W'), or None for a model trained
+    text-to-video only. The first image is the head, the last the tail (Open-Sora's rule for i2v_loop)."""
+    if cond_type not in COND_TYPES:
+        raise ValueError(f"unknown cond_type {cond_type!r}; valid: {sorted(COND_TYPES)}")
+    trained = cfg.get("diffusion", {}).get("cond")
+    if not trained:
+        if images or cond_type != "t2v":
+            raise ValueError(f"this run trained text-to-video only (diffusion.cond is null): no --image or {cond_type}")
+        return None
+    if cond_type == "t2v" and images:
+        raise ValueError("--image was given with --cond-type t2v: pick i2v_head, i2v_tail or i2v_loop")
+    if cond_type != "t2v" and not images:
+        raise ValueError(f"--cond-type {cond_type} needs an --image")
+    if cond_type not in trained:
+        print(f"warning: {cond_type} is not among the condition types this run trained: {dict(trained)}")
+    C, _, H, W = latent
+    height, width = H * vae.spatial_compression, W * vae.spatial_compression
+    given = {}
+    for name, path in (("head", images[0] if images else None), ("tail", images[-1] if images else None)):
+        if path is not None and name in COND_TYPES[cond_type]:
+            given[name] = vae.encode(load_image(path, height, width).to(device)).float()  # (1, C, 1, H', W')
+    return build_condition([cond_type], (1, *latent), given.get("head"), given.get("tail")).to(device)
+
+
+def drop_duplicates(vae, video: torch.Tensor, cond_type: str) -> torch.Tensor:
+    """A non-causal VAE decodes a given image's latent frame into `temporal_compression` copies: keep one at each
+    conditioned end (Open-Sora removes the same frames). video (B, 3, T, H, W)."""
+    r = vae.temporal_compression
+    if r == 1 or cond_type == "t2v":
+        return video
+    try:
+        vae.check_frames(r + 1)  # causal: the first latent frame is one frame, the last r
+        return video
+    except ValueError:
+        pass
+    head, tail = ("head" in COND_TYPES[cond_type]), ("tail" in COND_TYPES[cond_type])
+    return video[:, :, (r - 1 if head else 0) : video.shape[2] - (r - 1 if tail else 0)]
+
+
 def generate(
     run_dir: str | Path,
     prompts: list[str],
@@ -108,14 +182,22 @@ def generate(
     tag: str | None = None,
     device: str = "cpu",
     ema: bool = True,
+    images: list[Path] | None = None,
+    cond_type: str | None = None,
+    image_options: dict | None = None,
 ) -> list[Path]:
-    """Sample one video per prompt (frames/height/width default to the largest training bucket)."""
+    """Sample one video per prompt (frames/height/width default to the largest training bucket); with `images`, the
+    frames `cond_type` places (default i2v_head) are given."""
     cfg, model, vae, text, tag = load_run(Path(run_dir), tag, device, ema)
     latent = pick_shape(cfg, vae, frames, height, width)
     null_txt, null_vec = text([""])
+    cond_type = cond_type or ("i2v_head" if images else "t2v")
+    cond = condition_for(cfg, vae, latent, list(images or []), cond_type, device)
+    kept = (lambda v: drop_duplicates(vae, v, cond_type)) if cond is not None else None
     paths, _ = sample_prompts(
-        model, text, vae, prompts, latent, null_txt, null_vec, Path(out_dir), device, seed, steps, guidance, fps
-    )
+        model, text, vae, prompts, latent, null_txt, null_vec, Path(out_dir), device, seed, steps, guidance, fps,
+        cond=cond, image_options=image_options, keep_frames=kept,
+    )  # fmt: skip
     for prompt, path in zip(prompts, paths, strict=True):
         print(f"{tag}{' (EMA)' if ema else ''}: {prompt!r} -> {path}")
     return paths
@@ -138,6 +220,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="sample with the EMA weights (default) or the raw ones")  # fmt: skip
+    parser.add_argument("--image", type=Path, action="append", default=[],
+                        help="a given frame (I2V); i2v_loop: the first is the head, the last the tail")  # fmt: skip
+    parser.add_argument("--cond-type", choices=sorted(COND_TYPES), default=None,
+                        help="which frames the images give (default: i2v_head with --image, else t2v)")  # fmt: skip
+    parser.add_argument("--image-guidance", type=float, default=3.0, help="image guidance scale (Open-Sora: 3)")
+    parser.add_argument("--temporal-image-guidance", action=argparse.BooleanOptionalAction, default=True,
+                        help="image guidance rising over the clip, falling over the steps (Open-Sora)")  # fmt: skip
+    parser.add_argument("--oscillate", action=argparse.BooleanOptionalAction, default=True,
+                        help="I2V: both guidance scales 1 on odd steps from step 10 (Open-Sora)")  # fmt: skip
     args = parser.parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -158,6 +249,13 @@ def main(argv: list[str] | None = None) -> None:
         tag=args.tag,
         device=args.device,
         ema=args.ema,
+        images=args.image,
+        cond_type=args.cond_type,
+        image_options={
+            "image_guidance": args.image_guidance,
+            "temporal_image_guidance": args.temporal_image_guidance,
+            "oscillate": args.oscillate,
+        },
     )
 
 

@@ -26,7 +26,8 @@ from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
 from src.curriculum import apply_transition, carry_moments
 from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
-from src.data.source import batch_features
+from src.data.source import batch_features, training_condition
+from src.diffusion.condition import check_condition_input
 from src.evaluation import Evaluator, LearningAlarm, validation_set, write_stage_report
 from src.faults import Faults
 from src.flops import peak_flops, step_flops
@@ -232,6 +233,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     null_txt, null_vec, latent_shapes = spec.null_txt.to(device), spec.null_vec.to(device), spec.latent_shapes
     check_compatible(model, next(iter(latent_shapes.values()))[0], spec.txt_dim, spec.vec_dim)
     check_patches(latent_shapes, model)
+    check_condition_input(model, flow.cond, next(iter(latent_shapes.values()))[0])  # I2V: 1 + C
     evaluator = Evaluator(
         cfg.eval,
         validation_set(data.validation(), text, vae, device),
@@ -292,7 +294,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         x0 = faults.corrupt(x0, batch["key"])
         x0, txt, vec = (zero_where_invalid(x, valid) for x in (x0, txt, vec))
         faults.arm(step + 1)
-        losses = flow.training_losses(engine, x0, txt, vec, batch["index"], cfg.seed, null_txt[0], null_vec[0])
+        cond = training_condition(flow, batch, x0, vae, cfg.seed)  # (B, 1 + C, T', H', W') I2V condition, or None
+        losses = flow.training_losses(engine, x0, txt, vec, batch["index"], cfg.seed, null_txt[0], null_vec[0], cond)
         if step == first_step or step % cfg.sp_guard_every == 0:
             check_sequence_batches(batch, losses["t"], cfg.seed, dist, step)  # no-op without sequence parallelism
         loss = torch.where(valid, losses["loss"], 0.0).sum() / valid.sum().clamp(min=1)

@@ -33,6 +33,7 @@ from src.data.plan import GlobalBatch, Planner
 from src.data.provenance import ProvenanceError, check_provenance, expected_provenance
 from src.data.shards import ClipOptions, plan_order_loader, unfit_samples, write_skips
 from src.data.source import Batch, FeatureSpec
+from src.diffusion.condition import IMAGE_KEYS
 from src.models.vae.posterior import sample_posterior
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ class CachedFeatureDataset(IterableDataset):
         if tuple(self.null[0].shape) != tuple(self.text_shape):
             raise ValueError(f"null features {tuple(self.null[0].shape)} do not match text_shape {self.text_shape}")
         self.latent_channels = first["vae"]["latent_channels"]
+        # the I2V condition's given frames the cache stores, each (C, 1, H', W') (src/diffusion/condition.py)
+        self.image_keys = tuple(IMAGE_KEYS[n] for n in first["storage"].get("cond_images", ()))
         self.text_dims = (first["text_shape"][1], first["vec_dim"])
         self.cached_buckets = CachedBuckets(buckets)
         if dp_rank == 0:
@@ -229,6 +232,7 @@ class CachedFeatureDataset(IterableDataset):
 
     def read_batch(self, batch: GlobalBatch, reader: FeatureReader) -> Batch:
         latents, txts, vecs, captions, keys, valid, skips = [], [], [], [], [], [], []
+        images: dict[str, list] = {k: [] for k in self.image_keys}
         shape = self.latent_shapes[batch.bucket.name]
         for g in batch.rank_slice(self.dp_rank):
             shard, sample = self.planner.locate(g)
@@ -249,10 +253,13 @@ class CachedFeatureDataset(IterableDataset):
                     "latent": torch.zeros(shape),
                     "txt": torch.zeros(self.text_shape),
                     "vec": torch.zeros(self.text_dims[1]),
+                    **{k: torch.zeros(shape[0], 1, *shape[2:]) for k in self.image_keys},
                 }
             latents.append(tensors["latent"].float())
             txts.append(tensors["txt"].float())
             vecs.append(tensors["vec"].float())
+            for k in self.image_keys:
+                images[k].append(tensors[k].float())
             captions.append(sample.meta.get("caption", ""))
             keys.append(sample.key)
             valid.append(ok)
@@ -261,6 +268,7 @@ class CachedFeatureDataset(IterableDataset):
             "latent": torch.stack(latents),  # (B, C, T', H', W')
             "txt": torch.stack(txts),  # (B, L, D)
             "vec": torch.stack(vecs),  # (B, Dv)
+            **{k: torch.stack(v) for k, v in images.items()},  # (B, C, 1, H', W') each
             "caption": captions,
             "key": keys,
             "index": torch.tensor(batch.rank_slice(self.dp_rank), dtype=torch.int64),  # (B,)

@@ -6,6 +6,8 @@ A feature shard is a webdataset tar:
     __kiln__.safetensors   the null (empty-prompt) text features: null_txt (L, D), null_vec (Dv)
     <key>.safetensors      latent (C, T', H', W'), txt (L, D), vec (Dv); with `vae.posterior: sample` latent is
                            the posterior's mean and latent_std (C, T', H', W') its std (both in latent units)
+                           for an I2V recipe (header storage.cond_images) also image_head / image_tail
+                           (C, 1, H', W'): the clip's first / last frame encoded alone (src/diffusion/condition.py)
     <key>.json             caption, bucket, source shard and key
 
 The header comes first, so a reader streaming the tar checks the provenance before it reads any feature.

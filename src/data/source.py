@@ -11,6 +11,8 @@ from typing import TypedDict
 
 import torch
 
+from src.diffusion.condition import COND_TYPES, IMAGE_KEYS, build_condition
+
 
 class Batch(TypedDict, total=False):
     """One data-parallel rank's batch, from any source. An encoded source fills `latent`, `txt`, `vec`; an online one
@@ -21,6 +23,8 @@ class Batch(TypedDict, total=False):
     latent: torch.Tensor  # (B, C, T', H', W')
     txt: torch.Tensor  # (B, L, D)
     vec: torch.Tensor  # (B, Dv)
+    image_head: torch.Tensor  # (B, C, 1, H', W') the first frame encoded alone, in a cache written for I2V
+    image_tail: torch.Tensor  # (B, C, 1, H', W') the last frame encoded alone
     caption: list[str]
     key: list[str]
     index: torch.Tensor  # (B,) global sample numbers: the noise, timestep and dropout of each sample follow them
@@ -61,3 +65,29 @@ def batch_features(batch: Batch, text, vae, device: torch.device) -> tuple[torch
         return tuple(batch[k].to(device, non_blocking=True) for k in ("latent", "txt", "vec"))
     x0 = vae.encode(batch["video"].to(device, non_blocking=True))
     return (x0, *text(batch["caption"]))
+
+
+def training_condition(flow, batch: Batch, x0: torch.Tensor, vae, seed: int) -> torch.Tensor | None:
+    """The I2V condition (B, 1 + C, T', H', W') of a batch whose clean latents are x0 (B, C, T', H', W'), each sample's
+    type drawn by `flow` from (seed, its global index); None when the recipe trains text-to-video only.
+
+    The given frames are the first / last frame encoded alone: from the cache (`image_head`, `image_tail`, written by
+    `src.preprocess` for a recipe that places them) or, for online data, encoded now from the batch's `video`."""
+    types = flow.condition_types(batch["index"], seed)
+    if types is None:
+        return None
+    given = {}
+    for name, key in IMAGE_KEYS.items():
+        if not any(name in COND_TYPES[kind] for kind in types):
+            continue
+        if key in batch:
+            given[name] = batch[key].to(x0.device, x0.dtype, non_blocking=True)
+        elif "video" in batch:
+            frame = batch["video"][:, :, :1] if name == "head" else batch["video"][:, :, -1:]  # (B, 3, 1, H, W)
+            given[name] = vae.encode(frame.to(x0.device, non_blocking=True)).to(x0.dtype)
+        else:
+            raise ValueError(
+                f"diffusion.cond {dict(flow.cond)} places the {name} frame, but the feature cache holds no {key}: "
+                "write the cache again with this experiment (src.preprocess stores the images its diffusion.cond needs)"
+            )
+    return build_condition(types, tuple(x0.shape), given.get("head"), given.get("tail")).to(x0)

@@ -7,9 +7,12 @@ Convention: t = 0 is data (x0), t = 1 is noise (x1); the network predicts the ve
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from src.diffusion.condition import check_weights, draw_types
 
 
 def resolution_shift(latent_t: int, latent_h: int, latent_w: int) -> float:
@@ -119,10 +122,16 @@ class FlowMatching:
     text_dropout: float = 0.316
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    cond: Mapping[str, float] | None = None  # I2V condition types and their weights (src/diffusion/condition.py)
 
     def __post_init__(self):
         if not 0.0 <= self.text_dropout <= 1.0:
             raise ValueError(f"text_dropout must be a probability in [0, 1], got {self.text_dropout}")
+        object.__setattr__(self, "cond", check_weights(self.cond))
+
+    def condition_types(self, indices: torch.Tensor, seed: int) -> list[str] | None:
+        """Each sample's condition type (B,), drawn from (seed, global sample index); None for a T2V-only recipe."""
+        return None if self.cond is None else draw_types(self.cond, indices, seed)
 
     def training_inputs(self, x0: torch.Tensor, indices: torch.Tensor, seed: int):
         """(x_t, t, target, drop) for clean latents x0 (B, C, T, H, W) of the samples `indices` (B,)."""
@@ -140,13 +149,16 @@ class FlowMatching:
         seed: int,
         null_txt: torch.Tensor,
         null_vec: torch.Tensor,
+        cond: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One batch's per-sample flow-matching losses: {"loss": (B,) MSE of the velocity, "t": (B,) times}.
 
-        model(x_t, txt, vec, t) -> velocity like x0 (B, C, T, H, W); txt (B, L, D), vec (B, Dv); the empty prompt's
-        null_txt (L, D), null_vec (Dv,) replace the text of the samples drawn for text dropout.
+        model(x_t, txt, vec, t[, cond]) -> velocity like x0 (B, C, T, H, W); txt (B, L, D), vec (B, Dv); the empty
+        prompt's null_txt (L, D), null_vec (Dv,) replace the text of the samples drawn for text dropout, whatever
+        their condition; cond (B, 1 + C, T, H, W): the I2V condition (`condition.build_condition`), or None. As in
+        Open-Sora, every latent frame is noised and counts in the loss, the given ones too.
         """
         x_t, t, target, drop = self.training_inputs(x0, indices, seed)
         txt, vec = drop_text(txt, vec, null_txt, null_vec, drop)
-        pred = model(x_t, txt, vec, t)  # (B, C, T, H, W)
+        pred = model(x_t, txt, vec, t) if cond is None else model(x_t, txt, vec, t, cond)  # (B, C, T, H, W)
         return {"loss": (pred.float() - target.float()).pow(2).flatten(1).mean(1), "t": t}

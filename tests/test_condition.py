@@ -1,0 +1,171 @@
+"""Image-to-video conditioning (src/diffusion/condition.py): Open-Sora 2.0's condition layout, the seeded per-sample
+draw of its types, the loop feeding it to the model (cached and online data), and `src.sample --image`."""
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from src.data.source import training_condition
+from src.diffusion.condition import (
+    build_condition,
+    check_condition_input,
+    check_weights,
+    draw_types,
+    guided_velocity_i2v,
+    image_guidance_scale,
+    needed_images,
+    oscillating,
+    place_given,
+)
+from src.diffusion.flow import FlowMatching
+from src.diffusion.sampler import euler_sample
+from tests.conftest import ROOT
+
+B, C, T, H, W = 4, 3, 5, 2, 2
+
+
+def given_latents() -> tuple[torch.Tensor, torch.Tensor]:
+    head = torch.arange(B * C * H * W, dtype=torch.float32).view(B, C, 1, H, W) + 1  # never 0
+    return head, -head
+
+
+@pytest.mark.parametrize(
+    ("kind", "frames"),
+    [("t2v", {}), ("i2v_head", {0: "head"}), ("i2v_tail", {T - 1: "tail"}), ("i2v_loop", {0: "head", T - 1: "tail"})],
+)
+def test_each_type_places_its_frames_as_mask_then_masked_latent(kind, frames):
+    head, tail = given_latents()
+    cond = build_condition([kind] * B, (B, C, T, H, W), head, tail)
+    assert cond.shape == (B, 1 + C, T, H, W)
+    for f in range(T):
+        image = {"head": head, "tail": tail}.get(frames.get(f))
+        expect_mask = 1.0 if image is not None else 0.0
+        assert torch.equal(cond[:, 0, f], torch.full((B, H, W), expect_mask))  # channel 0: the mask
+        expected = image[:, :, 0] if image is not None else torch.zeros(B, C, H, W)
+        assert torch.equal(cond[:, 1:, f], expected)  # channels 1..C: the given latent where the mask is 1, else 0
+
+
+def test_types_mix_within_a_batch_and_missing_images_are_named():
+    head, tail = given_latents()
+    cond = build_condition(["t2v", "i2v_head", "i2v_tail", "i2v_loop"], (B, C, T, H, W), head, tail)
+    assert cond[:, 0, :, 0, 0].tolist() == [[0, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 1], [1, 0, 0, 0, 1]]
+    assert torch.equal(cond[3, 1:, 0], head[3, :, 0]) and torch.equal(cond[3, 1:, -1], tail[3, :, 0])
+    assert torch.equal(build_condition(["t2v"] * B, (B, C, T, H, W)), torch.zeros(B, 1 + C, T, H, W))
+    with pytest.raises(ValueError, match=r"condition types \['i2v_tail'\] need the tail image latents"):
+        build_condition(["t2v", "i2v_tail", "t2v", "t2v"], (B, C, T, H, W), head, None)
+    with pytest.raises(ValueError, match=r"head image latents \(4, 3, 2, 2, 2\), expected \(4, 3, 1, 2, 2\)"):
+        build_condition(["i2v_head"] * B, (B, C, T, H, W), torch.zeros(B, C, 2, H, W))
+
+
+def test_draw_frequencies_follow_the_configured_weights():
+    """Open-Sora's stage-2 mixture 1 : 5 : 1 : 1 over 20,000 sample indices: each type's share within 4 standard
+    errors of weight / 8 (a binomial proportion: sqrt(p (1 - p) / n), 0.0023 for p = 1/8)."""
+    weights = check_weights({"t2v": 1, "i2v_head": 5, "i2v_loop": 1, "i2v_tail": 1})
+    n = 20_000
+    types = draw_types(weights, torch.arange(n), seed=7)
+    for kind, w in weights.items():
+        p = w / 8
+        share = types.count(kind) / n
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / n), (kind, share, p)
+    assert set(draw_types({"t2v": 0.0, "i2v_head": 1.0}, torch.arange(500), 0)) == {"i2v_head"}  # weight 0: never
+
+
+def test_the_draw_depends_only_on_seed_and_global_index():
+    weights = {"t2v": 1.0, "i2v_head": 5.0, "i2v_loop": 1.0, "i2v_tail": 1.0}
+    indices = torch.arange(100, 164)
+    whole = draw_types(weights, indices, seed=3)
+    for ranks in (2, 4, 8):  # each rank draws its strided slice of the global batch
+        split = [draw_types(weights, indices[r::ranks], seed=3) for r in range(ranks)]
+        assert [split[i % ranks][i // ranks] for i in range(len(indices))] == whole
+    assert draw_types(weights, indices, seed=4) != whole  # another run seed draws otherwise
+
+
+def test_weights_and_model_inputs_are_checked_naming_the_values():
+    assert check_weights(None) is None and needed_images(None) == ()
+    assert needed_images({"t2v": 1, "i2v_head": 7}) == ("head",)
+    assert needed_images({"t2v": 1, "i2v_loop": 1, "i2v_tail": 0}) == ("head", "tail")
+    with pytest.raises(ValueError, match=r"unknown condition types \['v2v_head'\]; valid: \['i2v_head', 'i2v_loop'"):
+        check_weights({"v2v_head": 1})
+    with pytest.raises(ValueError, match=r"weights must be >= 0, got \{'t2v': -1.0\}"):
+        check_weights({"t2v": -1, "i2v_head": 1})
+    with pytest.raises(ValueError, match="at least one weight must be positive"):
+        check_weights({"t2v": 0})
+    with pytest.raises(ValueError, match="text_dropout"):
+        FlowMatching(text_dropout=2.0, cond={"t2v": 1})
+    model = instantiate_tiny(cond_channels=None)
+    with pytest.raises(ValueError, match=r"cond_in takes None; set model.cond_channels=49"):
+        check_condition_input(model, {"t2v": 1.0}, 48)
+    check_condition_input(instantiate_tiny(cond_channels=49), {"t2v": 1.0}, 48)
+    check_condition_input(model, None, 48)  # T2V only: no condition, whatever the model
+
+
+def instantiate_tiny(**overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model.{k}={'null' if v is None else v}" for k, v in overrides.items()])
+    return instantiate(cfg.model)
+
+
+def test_the_loop_gives_the_model_the_condition_from_cache_keys_or_the_video():
+    """Online data: the first / last frame encoded alone by the VAE; cached data: the stored image latents. The
+    condition reaches the model's fifth input, and text dropout is drawn regardless of it."""
+    from src.models.vae.patch import PatchVAE
+
+    vae = PatchVAE(spatial=4)
+    video = torch.rand(B, 3, T, 8, 8) * 2 - 1
+    x0 = vae.encode(video)  # (B, 48, T, 2, 2)
+    flow = FlowMatching(cond={"i2v_loop": 1.0}, text_dropout=0.5)
+    batch = {"index": torch.arange(B), "video": video}
+    online = training_condition(flow, batch, x0, vae, seed=0)
+    assert torch.equal(online[:, 1:, 0], vae.encode(video[:, :, :1])[:, :, 0])
+    assert torch.equal(online[:, 1:, -1], vae.encode(video[:, :, -1:])[:, :, 0])
+    cached = {
+        "index": torch.arange(B),
+        "image_head": torch.ones(B, 48, 1, 2, 2),
+        "image_tail": torch.zeros(B, 48, 1, 2, 2),
+    }
+    assert torch.equal(training_condition(flow, cached, x0, None, seed=0)[:, 1:, 0], torch.ones(B, 48, 2, 2))
+    with pytest.raises(ValueError, match="the feature cache holds no image_head: write the cache again"):
+        training_condition(flow, {"index": torch.arange(B)}, x0, None, seed=0)
+    assert training_condition(FlowMatching(), batch, x0, vae, seed=0) is None  # T2V only
+
+    seen = []
+
+    def model(x, txt, vec, t, *cond):
+        seen.append(cond)
+        return torch.zeros_like(x)
+
+    txt, vec = torch.ones(B, 2, 4), torch.ones(B, 4)
+    flow.training_losses(model, x0, txt, vec, batch["index"], 0, torch.zeros(2, 4), torch.zeros(4), online)
+    FlowMatching().training_losses(model, x0, txt, vec, batch["index"], 0, torch.zeros(2, 4), torch.zeros(4))
+    assert torch.equal(seen[0][0], online) and seen[1] == ()
+
+
+def test_guidance_follows_open_soras_i2v_denoiser():
+    v = [torch.randn(2, 3, 4, 2, 2) for _ in range(3)]
+    assert torch.allclose(guided_velocity_i2v(*v, 1.0, 1.0), v[0])
+    assert torch.allclose(guided_velocity_i2v(*v, 7.5, 3.0), v[2] + 3.0 * (v[1] - v[2]) + 7.5 * (v[0] - v[1]))
+    # the image scale at step 5 of 50: upper = linspace(3, 1, 51)[5] = 2.8, rising over 4 latent frames from 1
+    assert image_guidance_scale(3.0, 5, 50, 4).tolist() == pytest.approx([1.0, 1.6, 2.2, 2.8])
+    assert image_guidance_scale(3.0, 5, 50, 4, temporal=False).tolist() == [3.0] * 4
+    assert image_guidance_scale(1.0, 5, 50, 4).tolist() == [1.0] * 4
+    assert [oscillating(7.5, i) for i in (0, 9, 10, 11, 12, 13)] == [7.5, 7.5, 7.5, 1.0, 7.5, 1.0]
+
+
+def test_sampling_with_a_condition_runs_three_branches_and_keeps_the_given_frames():
+    head, tail = given_latents()
+    cond = build_condition(["i2v_loop"] * B, (B, C, T, H, W), head, tail)
+    calls = []
+
+    def model(x, txt, vec, t, cond_in):
+        calls.append((x.shape[0], cond_in[:, 0].sum().item()))
+        return -x
+
+    z = euler_sample(model, torch.randn(B, C, T, H, W), torch.ones(B, 1, 2), torch.ones(B, 2), torch.zeros(1, 2),
+                     torch.zeros(2), steps=3, guidance=4.0, cond=cond)  # fmt: skip
+    assert calls == [(3 * B, 2 * B * 2 * H * W)] * 3  # (text, cond), (empty, cond), (empty, no cond)
+    out = place_given(z, cond)
+    assert torch.equal(out[:, :, 0], head[:, :, 0]) and torch.equal(out[:, :, -1], tail[:, :, 0])
+    assert torch.equal(out[:, :, 1:-1], z[:, :, 1:-1])
