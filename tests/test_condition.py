@@ -169,3 +169,87 @@ def test_sampling_with_a_condition_runs_three_branches_and_keeps_the_given_frame
     out = place_given(z, cond)
     assert torch.equal(out[:, :, 0], head[:, :, 0]) and torch.equal(out[:, :, -1], tail[:, :, 0])
     assert torch.equal(out[:, :, 1:-1], z[:, :, 1:-1])
+
+
+def compose_run(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def train_in_process(cfg, run_dir, monkeypatch) -> list[dict]:
+    from src.metrics import read_metrics
+    from src.parallel.dist import shutdown
+    from src.train import train
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        train(cfg, run_dir)
+    finally:
+        shutdown()
+    return read_metrics(run_dir)
+
+
+def test_stage2_tiny_caches_the_given_frames_and_trains_t2v_and_i2v(tmp_path, monkeypatch):
+    """stage2_tiny (tiny DC-AE, Open-Sora's stage2_i2v mixture): the cache stores each clip's first and last frame
+    encoded alone, and 2 steps train from it with the condition reaching cond_in (non-zero after the steps)."""
+    import json
+
+    from src.checkpoint import load_model_weights
+    from src.data.cached import FeatureReader
+    from src.preprocess import preprocess
+
+    overrides = ["+experiment=stage2_tiny", f"data.urls={tmp_path / 'cache'}", "init_from=null", "parallel=local",
+                 "steps=3", "ckpt_every=3", "optim.groups=[]", "optim.schedule=[]", "ema=null"]  # fmt: skip
+    cfg = compose_run(*overrides)
+    preprocess(cfg)
+    side = json.loads((tmp_path / "cache" / "shard-000000.json").read_text())
+    assert side["storage"]["cond_images"] == ["head", "tail"]
+    loader = instantiate(cfg.data)(dp_rank=0, dp_world=1, seed=0)
+    batch = next(iter(loader))
+    assert batch["latent"].shape[1:] == (128, 2, 1, 1) and batch["image_head"].shape[1:] == (128, 1, 1, 1)
+    vae = instantiate(cfg.vae)
+    stored = FeatureReader(loader.dataset.expect)
+    shard, sample = loader.dataset.planner.locate(int(batch["index"][0]))
+    tensors = stored.read(shard.url, sample.key)
+    stored.close()
+    assert not torch.allclose(tensors["image_head"], tensors["latent"][:, :1])  # not the clip's own latent frame
+    assert vae.temporal_compression == 4
+    rows = train_in_process(cfg, tmp_path / "run", monkeypatch)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    weights, _ = load_model_weights(tmp_path / "run", None, ema=False)
+    assert weights["cond_in.weight"].abs().sum() > 0  # zero-initialised: only a condition's gradient moves it
+
+
+def test_sample_with_an_image_starts_or_ends_on_that_image(tmp_path, monkeypatch):
+    """The smoke run (patch VAE, online fixture clips) trained 2 steps with every condition type; `src.sample --image`
+    gives the image back as the first frame (i2v_head) or the last (i2v_tail) after decoding, to fp32 rounding of
+    the lossless patch VAE, and writes the mp4s."""
+    from PIL import Image
+
+    from src.sample import condition_for, load_run, main, pick_shape, sample_prompts
+
+    run_dir = tmp_path / "run"
+    cfg = compose_run("+experiment=smoke", "parallel=local", "steps=2", "ckpt_every=2", "model.cond_channels=49",
+                      "diffusion.cond={t2v: 1, i2v_head: 1, i2v_tail: 1, i2v_loop: 1}")  # fmt: skip
+    rows = train_in_process(cfg, run_dir, monkeypatch)
+    assert [r["step"] for r in rows] == [1, 2]
+    pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(pixels.numpy()).save(tmp_path / "first.png")
+    image = pixels.permute(2, 0, 1).float() / 127.5 - 1  # (3, 32, 32) in [-1, 1]
+
+    run_cfg, model, vae, text, _ = load_run(run_dir)
+    latent = pick_shape(run_cfg, vae)
+    null_txt, null_vec = text([""])
+    for cond_type, frame in (("i2v_head", 0), ("i2v_tail", -1)):
+        cond = condition_for(run_cfg, vae, latent, [tmp_path / "first.png"], cond_type, "cpu")
+        _, videos = sample_prompts(model, text, vae, ["a red square"], latent, null_txt, null_vec, tmp_path / cond_type,
+                                   "cpu", steps=2, cond=cond)  # fmt: skip
+        assert videos.shape == (1, 3, 8, 32, 32)
+        assert (videos[0, :, frame] - image).abs().max() < 1e-5
+        assert (videos[0, :, 3] - image).abs().max() > 0.1  # the other frames are sampled
+    main([str(run_dir), "--prompt", "a red square", "--image", str(tmp_path / "first.png"), "--steps", "2",
+          "--out", str(tmp_path / "cli")])  # fmt: skip
+    assert len(list((tmp_path / "cli").glob("*.mp4"))) == 1
+    with pytest.raises(ValueError, match="--cond-type i2v_loop needs an --image"):
+        condition_for(run_cfg, vae, latent, [], "i2v_loop", "cpu")
