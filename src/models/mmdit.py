@@ -29,7 +29,8 @@ class MMDiT(nn.Module):
         patch_size: (pt, ph, pw) patch of latent voxels that becomes one token.
         hidden: model width; heads * head_dim, with head_dim == sum(axes_dim).
         txt_dim: width of the text encoder's token features; vec_dim: width of its pooled vector.
-        cond_channels: latent + mask channels of the I2V condition (None: no `cond_in`).
+        cond_channels: channels of the I2V condition, cat(mask (1), masked latent (C)) in that order: 1 + C
+            (`src.diffusion.condition`; None: no `cond_in`).
         attn_backend: "auto", "sdpa", "cudnn" or "flash" (see `src.models.attention`).
     """
 
@@ -121,7 +122,7 @@ class MMDiT(nn.Module):
         """Predict the velocity.
 
         x: (B, C, T, H, W) noisy latents; txt: (B, Lt, txt_dim) token features; vec: (B, vec_dim) pooled text;
-        t: (B,) flow time in [0, 1]; cond: (B, cond_channels, T, H, W) I2V condition or None.
+        t: (B,) flow time in [0, 1]; cond: (B, cond_channels, T, H, W) I2V condition, mask first, or None.
         Returns (B, C, T, H, W).
         """
         B, text_len = x.shape[0], txt.shape[1]
