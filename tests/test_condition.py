@@ -144,9 +144,11 @@ def test_the_loop_gives_the_model_the_condition_from_cache_keys_or_the_video():
 
 
 def test_guidance_follows_open_soras_i2v_denoiser():
-    v = [torch.randn(2, 3, 4, 2, 2) for _ in range(3)]
-    assert torch.allclose(guided_velocity_i2v(*v, 1.0, 1.0), v[0])
-    assert torch.allclose(guided_velocity_i2v(*v, 7.5, 3.0), v[2] + 3.0 * (v[1] - v[2]) + 7.5 * (v[0] - v[1]))
+    g = torch.Generator().manual_seed(0)
+    v = [torch.randn(2, 3, 4, 2, 2, generator=g, dtype=torch.float64) for _ in range(3)]
+    assert torch.allclose(guided_velocity_i2v(*v, 1.0, 1.0), v[0], rtol=0, atol=1e-12)
+    expected = v[2] + 3.0 * (v[1] - v[2]) + 7.5 * (v[0] - v[1])
+    assert torch.allclose(guided_velocity_i2v(*v, 7.5, 3.0), expected, rtol=0, atol=1e-12)
     # the image scale at step 5 of 50: upper = linspace(3, 1, 51)[5] = 2.8, rising over 4 latent frames from 1
     assert image_guidance_scale(3.0, 5, 50, 4).tolist() == pytest.approx([1.0, 1.6, 2.2, 2.8])
     assert image_guidance_scale(3.0, 5, 50, 4, temporal=False).tolist() == [3.0] * 4
