@@ -51,8 +51,8 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def train(run_dir, *overrides: str, nproc: int = 2) -> list[dict]:
-    args = ["-m", "src.train", "+experiment=smoke", f"hydra.run.dir={run_dir}", *overrides]
+def train(run_dir, *overrides: str, nproc: int = 2, entry: tuple[str, ...] = ("src.train",)) -> list[dict]:
+    args = ["-m", *entry, "+experiment=smoke", f"hydra.run.dir={run_dir}", *overrides]
     if nproc == 1:
         run([sys.executable, *args])
     else:
@@ -295,9 +295,15 @@ def test_resume_is_exact(zero3_run, tmp_path):
         assert all(torch.equal(w_straight[k], w_resumed[k]) for k in w_straight), ema
 
 
-def test_activation_checkpointing_under_zero3_changes_no_number(zero3_run, tmp_path):
+def test_activation_checkpointing_under_zero3_recomputes_and_changes_no_number(zero3_run, tmp_path):
+    # every double block and the first of the 2 single blocks: each rank's 4 steps run every block forward 4 times
+    # for the loss, and recompute exactly the checkpointed ones during backward (tests/block_forwards.py counts)
     _, plain = zero3_run
-    recomputed = train(tmp_path, PARITY_EPS, "parallel.checkpoint_double=-1", "parallel.checkpoint_single=1")
+    checkpointing = ("parallel.checkpoint_double=-1", "parallel.checkpoint_single=1")
+    recomputed = train(tmp_path, PARITY_EPS, *checkpointing, entry=("tests.block_forwards", str(tmp_path / "counts")))
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / "counts" / f"rank{rank}.json").read_text())
+        assert counts == {"DoubleStreamBlock": [2 * 4, 2 * 4], "SingleStreamBlock": [2 * 4, 1 * 4]}, (rank, counts)
     for a, b in zip(plain, recomputed, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(
             b["grad_norm"], rel=1e-5
