@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load as load_tensors
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from src.data.bucket_report import log_bucket_report
 from src.data.buckets import Bucket, BucketConfig
 from src.data.catalog import SampleInfo, ShardInfo, Skip, expand_urls, is_local, local_path, read_at
 from src.data.feature_shards import HEADER_KEY, index_tar, sidecar_path
@@ -143,6 +144,8 @@ class CachedFeatureDataset(IterableDataset):
                 f"{buckets.describe()}"
             )
         log.info("cached features: %d samples in %d shards", self.planner.size, len(shards))
+        if dp_rank == 0:
+            log_bucket_report(self.planner, self.unfit)
 
     def _hold_out(self, shards: list[ShardInfo], buckets: BucketConfig, n: int, val_urls) -> tuple[list, list]:
         """(training shards, held-out (shard, sample) pairs) of the first configured bucket that holds samples."""

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from src.data.bucket_report import log_bucket_report
 from src.data.buckets import Bucket, BucketConfig
 from src.data.catalog import MemberReader, SampleInfo, ShardInfo, Skip, expand_urls, scan_shards
 from src.data.holdout import split as holdout_split
@@ -184,6 +185,8 @@ class VideoShardDataset(IterableDataset):
             self.fitting,
             len(self.scan_skips),
         )
+        if dp_rank == 0:
+            log_bucket_report(self.planner, self.unfit)
 
     def can_supply(self, meta: Mapping, num_frames: int) -> bool:
         return self.clips.can_supply(meta, num_frames)
