@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 
@@ -26,13 +27,13 @@ from src.integrity import save_checkpoint
 from src.metrics import read_metrics
 from src.models.mmdit import MMDiT
 from src.parallel.engine import warmup_schedule
+from src.parallel.fsdp2 import FSDP2Engine
 from src.param_groups import ParamPlan, enter_phase
 from tests import test_train
 from tests.conftest import tiny_model_kwargs
 from tests.numerics import accumulation_length, adam_moments_atol, adam_update_atol, rounding_atol
 from tests.test_train import EVERY_STEP, PARITY_EPS, assert_same_training, train
 
-pytestmark = pytest.mark.dist
 # tests/test_train.py's fixtures: the local engine's 4 smoke steps on the global batch, and n of tests/numerics.py
 single_run, smoke_n = test_train.single_run, test_train.smoke_n
 
@@ -135,7 +136,6 @@ def _spawn(worker, world: int, *args) -> dict:
 
 def _step_worker(rank: int, world: int, port: int, sp_size: int, replicate: int, frozen: bool, results) -> None:
     from src.parallel.dist import shutdown
-    from src.parallel.fsdp2 import FSDP2Engine
 
     info = _setup(rank, world, port, sp_size)
     engine, plan = _build(FSDP2Engine, frozen, sp_size=sp_size, replicate=replicate)
@@ -182,6 +182,7 @@ def _assert_same_step(row: dict, ref: dict, start: dict[str, torch.Tensor], step
         assert ((row["weights"][name] - ref["weights"][name]).abs() <= atol).all(), name
 
 
+@pytest.mark.dist
 @pytest.mark.numerics
 @pytest.mark.parametrize("sp_size, replicate", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "sp2", "hsdp2x1"])
 def test_one_step_on_two_ranks_equals_the_local_engine(sp_size, replicate):
@@ -198,6 +199,7 @@ def test_one_step_on_two_ranks_equals_the_local_engine(sp_size, replicate):
         _assert_same_step(out["rows"][0], reference[0], initial, step=1)
 
 
+@pytest.mark.dist
 @pytest.mark.numerics
 def test_a_frozen_group_stays_bitwise_and_unfreezes_on_schedule():
     results = _spawn(_step_worker, 2, 1, 1, True)
@@ -221,7 +223,6 @@ def _checkpoint_worker(rank: int, world: int, port: int, folder: str, write: boo
     """Write: 2 steps, the EMA, a checkpoint. Read: a fresh engine (another seed) loads it; the state is reported
     either way, gathered to full tensors."""
     from src.parallel.dist import shutdown
-    from src.parallel.fsdp2 import FSDP2Engine
 
     info = _setup(rank, world, port)
     torch.manual_seed(123)
@@ -249,6 +250,7 @@ def _checkpoint_worker(rank: int, world: int, port: int, folder: str, write: boo
     shutdown()
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("written, read", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_a_checkpoint_reads_back_exactly_on_another_number_of_ranks(tmp_path, written, read):
     saved = _spawn(_checkpoint_worker, written, str(tmp_path), True)[0]
@@ -274,6 +276,7 @@ def test_a_checkpoint_reads_back_exactly_on_another_number_of_ranks(tmp_path, wr
         assert torch.equal(m, saved["moments"][name][0]) and torch.equal(v, saved["moments"][name][1]), name
 
 
+@pytest.mark.dist
 def test_a_checkpoint_of_another_engine_is_refused(tmp_path):
     results = _spawn(_refusal_worker, 1, str(tmp_path))
     assert "has no fsdp2.json (written by another engine? it holds ['local_engine.pt', 'manifest.json'])" in results[0]
@@ -281,7 +284,6 @@ def test_a_checkpoint_of_another_engine_is_refused(tmp_path):
 
 def _refusal_worker(rank: int, world: int, port: int, folder: str, results) -> None:
     from src.parallel.dist import shutdown
-    from src.parallel.fsdp2 import FSDP2Engine
     from src.parallel.local import LocalEngine
 
     _setup(rank, world, port)
@@ -323,6 +325,7 @@ def _assert_resumed_like_one_process(run_dir, single_dir, n: dict[str, int]) -> 
     assert mine["data"] == reference["data"] and mine["samples_seen"] == reference["samples_seen"] == 16
 
 
+@pytest.mark.dist
 @pytest.mark.numerics
 def test_two_ranks_resumed_on_one_train_like_one_process(two_then_one, single_run, smoke_n):
     _assert_resumed_like_one_process(two_then_one, single_run[0], smoke_n)
@@ -330,6 +333,7 @@ def test_two_ranks_resumed_on_one_train_like_one_process(two_then_one, single_ru
     assert json.loads((two_then_one / "checkpoints/step_00000004/fsdp2.json").read_text())["world_size"] == 1
 
 
+@pytest.mark.dist
 @pytest.mark.numerics
 def test_one_rank_resumed_on_two_trains_like_one_process(tmp_path, single_run, smoke_n):
     train(tmp_path, "parallel=fsdp2", "steps=2", "data.buckets.batch_scale=2", PARITY_EPS, EVERY_STEP, nproc=1)
@@ -337,6 +341,7 @@ def test_one_rank_resumed_on_two_trains_like_one_process(tmp_path, single_run, s
     _assert_resumed_like_one_process(tmp_path, single_run[0], smoke_n)
 
 
+@pytest.mark.dist
 def test_an_fsdp2_run_exports_behind_the_parity_gate(two_then_one, tmp_path):
     from src.export import export
 
@@ -348,6 +353,7 @@ def test_an_fsdp2_run_exports_behind_the_parity_gate(two_then_one, tmp_path):
     assert tag == "export:step_00000004 (EMA)" and all(torch.equal(exported[k], v) for k, v in weights.items())
 
 
+@pytest.mark.dist
 def test_a_stage_starts_from_an_fsdp2_run_with_its_moments(two_then_one, tmp_path):
     # init_from an FSDP2 run into an FSDP2 run on 2 ranks, transition_optimizer=carry: every tensor loaded, every
     # AdamW moment carried (step 4 of the previous stage, then 1 more)
@@ -359,6 +365,7 @@ def test_a_stage_starts_from_an_fsdp2_run_with_its_moments(two_then_one, tmp_pat
     assert set(moments.steps.values()) == {5} and moments.steps.keys() == before.keys()
 
 
+@pytest.mark.dist
 def test_bf16_mixed_precision_trains_close_to_fp32_with_fp32_master_weights(two_then_one, tmp_path):
     # bf16 parameters in forward and backward, gradients reduced in fp32: the losses of the fp32 run's first two
     # steps (the same 2 ranks) to bf16 accuracy; the checkpoint holds the fp32 master weights
@@ -373,6 +380,7 @@ def test_bf16_mixed_precision_trains_close_to_fp32_with_fp32_master_weights(two_
     assert dtypes == {torch.float32}  # weights, EMA, moments and step counters
 
 
+@pytest.mark.dist
 def test_evaluation_runs_on_fsdp2_ranks_without_deadlock(tmp_path):
     # every rank runs each validation and sampling forward (FSDP2 gathers each block's weights in it)
     train(tmp_path, "parallel=fsdp2", "eval.val=4", "eval.val_every=2", "eval.every=4", "eval.steps=2",
@@ -381,3 +389,13 @@ def test_evaluation_runs_on_fsdp2_ranks_without_deadlock(tmp_path):
     assert [r["step"] for r in evals] == [2, 4]
     assert all(len(r["val_loss_by_t"]) == 8 and r["probe_time_se"] > 0 for r in evals)
     assert [v.name for v in (tmp_path / "eval/step_00000004").glob("*.mp4")] == ["00_a_red_square.mp4"]
+
+
+def test_every_experiment_composes_with_fsdp2():
+    # the experiments set only keys every sharded engine has (precision, activation checkpointing)
+    from tests.test_config import EXPERIMENTS, compose_experiment
+
+    for name in EXPERIMENTS:
+        cfg = compose_experiment(name, ("parallel=fsdp2",))
+        assert cfg.parallel._target_ == "src.parallel.fsdp2.FSDP2Engine", name
+        assert set(cfg.parallel) <= set(inspect.signature(FSDP2Engine).parameters) | {"_target_", "_partial_"}, name
