@@ -38,6 +38,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from src.cli import HelpFormatter
 from src.metrics import StepWindow, read_metrics
 from src.profiler import table as profile_table
 
@@ -187,7 +188,7 @@ def device_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="mmdit_1b", help="a conf/model/ flavor")
     parser.add_argument(
         "--latent",

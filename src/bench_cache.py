@@ -25,6 +25,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from src.cli import HelpFormatter
 from src.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def measure(run_dir: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--experiment", default="dcae_tiny")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--log-every", type=int, default=5)

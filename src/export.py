@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from src.checkpoint import load_model_weights
+from src.cli import HelpFormatter
 from src.models.weights import file_sha256, strict_load
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -223,7 +224,7 @@ def _readable_by_others(folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="a run directory, or a checkpoint folder RUN/checkpoints/step_N")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="the EMA (default)")

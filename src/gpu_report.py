@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from src.cli import HelpFormatter
+
 BEGIN = "<!-- gpu_checks: begin (written by launch/gpu_checks.sh; edits inside are overwritten) -->"
 END = "<!-- gpu_checks: end -->"
 LIBRARIES = ("deepspeed", "flash-attn", "diffusers", "transformers")
@@ -150,7 +152,7 @@ def write_section(doc: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="the script's results folder")
     parser.add_argument("doc", type=Path, help="the page to write into (docs/BENCHMARKS.md)")
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from src.cli import HelpFormatter
 from src.parallel.engine import latest_tag
 from src.safe_load import refuse_unsafe_files
 
@@ -320,7 +321,9 @@ def save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, keep: int | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.integrity", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, prog="python -m src.integrity", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("action", choices=("verify", "seal"))
     parser.add_argument("folder", type=Path, help="a checkpoint folder (RUN_DIR/checkpoints/step_N)")
     args = parser.parse_args(argv)

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from src.checkpoint import load_model_weights
+from src.cli import HelpFormatter
 from src.data.video import write_mp4
 from src.diffusion.condition import COND_TYPES, build_condition, place_given
 from src.diffusion.sampler import euler_sample
@@ -204,7 +205,7 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run directory (config.yaml, checkpoints/) or an export folder")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")

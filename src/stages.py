@@ -27,6 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.cli import HelpFormatter
 from src.evaluation import REPORT
 from src.parallel.engine import latest_tag
 
@@ -172,7 +173,7 @@ def run_curriculum(stages: list[dict], dry_run: bool = False, require_healthy: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
     parser.add_argument("curriculum", help="a curriculum file, e.g. conf/curriculum/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, e.g. parallel=local")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per stage (torchrun --standalone when > 1)")

@@ -401,7 +401,8 @@ if [ "${{1:-}} ${{2:-}}" = "-m pip" ]; then
     exit 1
 fi
 if [ "${{1:-}} ${{2:-}}" = "-m venv" ]; then
-    if [ -n "${{FAKE_NO_VENV:-}}" ] || {{ [ -n "${{FAKE_NO_ENSUREPIP:-}}" ] && [[ " $* " != *" --without-pip "* ]]; }}; then
+    if [ -n "${{FAKE_NO_VENV:-}}" ] ||
+        {{ [ -n "${{FAKE_NO_ENSUREPIP:-}}" ] && [[ " $* " != *" --without-pip "* ]]; }}; then
         echo "The virtual environment was not created successfully because ensurepip is not available." >&2
         exit 1
     fi

@@ -35,6 +35,7 @@ import av
 import numpy as np
 import torch
 
+from src.cli import HelpFormatter
 from src.data.video import decode_clip, decode_clip_naive
 
 FPS = 24
@@ -251,7 +252,9 @@ def cpu_model() -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the benchmark, print the table and write the JSON report; returns the rows."""
-    parser = argparse.ArgumentParser(prog="python -m src.data.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, prog="python -m src.data.bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--workers", type=int, default=1, help="decoding processes")
     parser.add_argument("--clips", type=int, default=24, help="requests per resolution and method, over all workers")
     parser.add_argument("--out", type=Path, default=Path("docs/bench_decode.json"), help="JSON report path")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from src.cli import HelpFormatter
 from src.data.buckets import BucketConfig
 from src.data.catalog import Skip, expand_urls, scan_shards
 from src.data.plan import Planner
@@ -121,9 +122,7 @@ def report(urls: Sequence[str], buckets: BucketConfig, clips: ClipOptions, ranks
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("urls", nargs="+", help="shard folders, tar files or brace patterns, as data.urls takes them")
     parser.add_argument("--buckets", required=True, help="a conf/data/buckets/ name (e.g. stage1) or a YAML file")
     parser.add_argument("--batch-scale", type=float, default=1.0, help="as data.buckets.batch_scale")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.cli import HelpFormatter
 from src.data.synthetic import COLOURS, DIRECTIONS, SHAPES
 
 FOREGROUND_LEVEL = 60  # of 255: the palette's colours are >= 140 away from every background grey (<= 40)
@@ -205,7 +206,7 @@ def per_key(readings: Iterable[Reading], prompts: Sequence[tuple], field: int) -
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?", type=Path, help="a run directory or export to sample and judge")
     parser.add_argument("--data", help="judge the generated clips of these shards instead")
     parser.add_argument("--limit", type=int, default=None, help="with --data: at most this many clips")

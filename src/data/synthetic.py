@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.cli import HelpFormatter
 from src.data.video import encode_frames_mp4
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -191,7 +192,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--num-clips", type=int, default=256)
     parser.add_argument("--clips-per-shard", type=int, default=32)

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 # probing lives in src.data.probe; the `name as name` imports re-export its public names from here too
+from src.cli import HelpFormatter
 from src.data.probe import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
 from src.data.probe import MEDIA_EXTENSIONS, REJECT_REASONS, ProbeError, _describe, _probe_with_times
 from src.data.probe import VIDEO_EXTENSIONS as VIDEO_EXTENSIONS
@@ -655,9 +656,17 @@ def format_summary(index: dict[str, Any], output_dir: str | Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 even when some inputs were rejected)."""
     parser = argparse.ArgumentParser(
-        prog="python -m src.data.write", description=__doc__.split("\n\n")[0], allow_abbrev=False
+        formatter_class=HelpFormatter,
+        prog="python -m src.data.write",
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
     )
-    parser.add_argument("input", type=Path, help="a folder of videos/images with .txt captions, or a .csv/.jsonl")
+    parser.add_argument(
+        "input",
+        type=Path,
+        help="a folder of videos/images with .txt captions, or a .csv/.jsonl list (path, caption; optional start, "
+        "end, fps); a relative path in a list is resolved from the list's folder, not from the current one",
+    )
     parser.add_argument("output_dir", type=Path, help="where the shards, index.json and rejects.jsonl go")
     parser.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help="largest shard, e.g. 1GB, 500MB, 64KB")
     parser.add_argument("--workers", type=int, default=None, help="probing processes (default: all CPUs)")

@@ -63,6 +63,8 @@ from typing import Any
 
 import torch
 
+from src.cli import HelpFormatter
+
 FINGERPRINTS = Path(__file__).with_name("fingerprints.json")
 
 # (anchor, paraphrase, unrelated): the paraphrase shares no content word with the anchor; the unrelated prompt has
@@ -432,7 +434,9 @@ def build_from_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run the canary on the encoder of a text config, print the report, optionally record it."""
-    parser = argparse.ArgumentParser(prog="python -m src.models.canary", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, prog="python -m src.models.canary", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--text", required=True, help="a text encoder config, e.g. conf/text/minilm.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--record", action="store_true", help="store this encoder's fingerprint")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import src.models.attention
+from src.cli import HelpFormatter
 from src.config import model_config
 from src.models.mmdit import MMDiT
 
@@ -153,7 +154,7 @@ def _model(name: str) -> MMDiT:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mmdit_11b", help="a conf/model/ name")
     parser.add_argument("--latent", type=int, nargs=3, default=[33, 96, 96], metavar=("T", "H", "W"))
     parser.add_argument("--text", type=int, default=512, help="text tokens")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from src.cli import HelpFormatter
+
 FIELDS = ("params", "grads", "master", "optimizer")
 
 
@@ -110,7 +112,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument(
         "--model",

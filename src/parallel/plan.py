@@ -25,6 +25,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from src.cli import HelpFormatter
 from src.parallel.activations import ROOT, rank_activations
 
 GIB = 2**30
@@ -164,7 +165,7 @@ def memory_plan(cfg: DictConfig, gpus: int | None = None, gpu_memory_gib: float 
 def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
     parser.add_argument("experiments", nargs="+", help="conf/experiment names")
     parser.add_argument("--override", action="append", default=[], help="a Hydra override (repeatable)")
     args = parser.parse_args(argv)

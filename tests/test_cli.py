@@ -1,0 +1,30 @@
+"""Every command-line program's --help shows the defaults (src/cli.py)."""
+
+import argparse
+import re
+
+from src.cli import HelpFormatter
+from tests.conftest import ROOT
+
+
+def test_help_shows_every_default_and_keeps_the_descriptions_lines():
+    parser = argparse.ArgumentParser(description="line one\n  line two", formatter_class=HelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="Euler steps")
+    parser.add_argument("--seed", type=int, default=0)  # no help text: the default is shown all the same
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    parser.add_argument("--no-ema", action="store_true")
+    text = re.sub(r"\s+", " ", parser.format_help())
+    assert "--steps STEPS Euler steps (default: 20)" in text
+    assert "--seed SEED (default: 0)" in text
+    assert "--out OUT --workers WORKERS processes (default: all CPUs) --no-ema" in text  # said once; None: unset
+    assert "line one\n  line two" in parser.format_help()
+
+
+def test_every_cli_uses_the_help_formatter():
+    clis = 0
+    for path in (ROOT / "src").rglob("*.py"):
+        for call in re.findall(r"argparse\.ArgumentParser\((.*?)\)\n", path.read_text(), re.S):
+            assert "formatter_class=HelpFormatter" in call, path
+            clis += 1
+    assert clis >= 16  # src.sample, src.export, src.stages, src.data.write, the benchmarks...
