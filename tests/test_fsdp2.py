@@ -134,11 +134,11 @@ def _spawn(worker, world: int, *args) -> dict:
     return dict(results)
 
 
-def _step_worker(rank: int, world: int, port: int, sp_size: int, replicate: int, frozen: bool, results) -> None:
+def _step_worker(rank: int, world: int, port: int, options: dict, frozen: bool, results) -> None:
     from src.parallel.dist import shutdown
 
-    info = _setup(rank, world, port, sp_size)
-    engine, plan = _build(FSDP2Engine, frozen, sp_size=sp_size, replicate=replicate)
+    info = _setup(rank, world, port, options.get("sp_size", 1))
+    engine, plan = _build(FSDP2Engine, frozen, **options)
     init = engine.full_state_dict()
     local_numel = sum(p.to_local().numel() for p in engine.module.parameters())
     rows = _train(engine, plan, range(2 if frozen else 1), info.dp_rank, info.dp_world)
@@ -187,7 +187,7 @@ def _assert_same_step(row: dict, ref: dict, start: dict[str, torch.Tensor], step
 @pytest.mark.parametrize("sp_size, replicate", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "sp2", "hsdp2x1"])
 def test_one_step_on_two_ranks_equals_the_local_engine(sp_size, replicate):
     # hsdp2x1: two replicas of one rank each (HSDP), gradients averaged across the replicas instead of within a shard
-    results = _spawn(_step_worker, 2, sp_size, replicate, False)
+    results = _spawn(_step_worker, 2, {"sp_size": sp_size, "replicate": replicate}, False)
     reference = _reference(False, 1)
     initial = _model().state_dict()
     total = sum(v.numel() for v in initial.values())
@@ -201,8 +201,18 @@ def test_one_step_on_two_ranks_equals_the_local_engine(sp_size, replicate):
 
 @pytest.mark.dist
 @pytest.mark.numerics
+def test_compiled_and_checkpointed_blocks_under_fsdp2_step_like_the_local_engine():
+    # torch.compile per block (FSDP's hooks stay outside the graphs) and activation checkpointing, both applied
+    # before fully_shard; on 1 rank (compiling takes about 90 s on a CPU); one step within the same rounding bounds
+    options = {"compile": True, "checkpoint_double": 1, "checkpoint_single": -1}
+    out = _spawn(_step_worker, 1, options, False)[0]
+    _assert_same_step(out["rows"][0], _reference(False, 1)[0], _model().state_dict(), step=1)
+
+
+@pytest.mark.dist
+@pytest.mark.numerics
 def test_a_frozen_group_stays_bitwise_and_unfreezes_on_schedule():
-    results = _spawn(_step_worker, 2, 1, 1, True)
+    results = _spawn(_step_worker, 2, {}, True)
     reference = _reference(True, 2)
     initial = _model().state_dict()
     frozen = [k for k in initial if k.startswith("double_blocks.0.")]
