@@ -265,13 +265,28 @@ def plot_learning(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def run_throughput(rows: list[dict]) -> tuple[float, float]:
+    """(samples/s, tokens/s) over all logged windows: their samples and tokens over their time (each row's window
+    covers the steps since the previous row, `step_time_s` each), not the mean of the windows' rates."""
+    seconds = samples = tokens = 0.0
+    previous = 0
+    for row in rows:
+        window = (row["step"] - previous) * row["step_time_s"]
+        seconds, previous = seconds + window, row["step"]
+        samples += row["samples_per_s"] * window
+        tokens += row["tokens_per_s"] * window
+    return samples / seconds, tokens / seconds
+
+
 def summary(run_dir: str | Path) -> str:
-    """One line: first and last logged loss and the throughput of the last window."""
+    """One line: first and last logged loss, the run's mean throughput and the last window's."""
     rows = read_metrics(run_dir)
     first, last = rows[0], rows[-1]
+    samples_per_s, tokens_per_s = run_throughput(rows)
     return (
         f"loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
-        f"{last['samples_per_s']:.1f} samples/s, {last['tokens_per_s']:.0f} tokens/s"
+        f"run mean {samples_per_s:.1f} samples/s, {tokens_per_s:.0f} tokens/s "
+        f"(last window: {last['samples_per_s']:.1f} samples/s, {last['tokens_per_s']:.0f} tokens/s)"
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,7 +27,10 @@ from src.cli import HelpFormatter
 from src.data.video import write_mp4
 from src.diffusion.condition import COND_TYPES, build_condition, place_given
 from src.diffusion.sampler import euler_sample
+from src.metrics import read_metrics
 from src.models.diffusers_flux import is_diffusers_flux
+
+BUCKET_NAME = re.compile(r"\w+/(\d+)f/(\d+)x(\d+)")  # resolution/frames/HEIGHTxWIDTH (src.data.buckets.Bucket)
 
 
 def load_run(run_dir: Path, tag: str | None = None, device: str = "cpu", ema: bool = True):
@@ -102,14 +106,44 @@ def sample_prompts(
     return paths, (torch.stack(videos) if videos else None)
 
 
-def pick_shape(cfg, vae, frames: int | None = None, height: int | None = None, width: int | None = None):
-    """The latent (C, T', H', W') to sample: frames/height/width default to the largest training bucket's
-    longest clip, closest to square."""
+def default_shape(cfg, trained: Iterable[str] = ()) -> tuple[int, int, int, str]:
+    """(frames, height, width, where from): the largest bucket training clips went into (`trained`: bucket names
+    like `256px/33f/192x336` from metrics.jsonl's loss_by_bucket), else the largest configured resolution's longest
+    clip, closest to square (an export keeps no metrics)."""
+    shapes = [tuple(map(int, m.groups())) for m in map(BUCKET_NAME.fullmatch, trained) if m]  # (frames, h, w)
+    if shapes:
+        frames, height, width = max(shapes, key=lambda s: (s[1] * s[2], s[0]))
+        return frames, height, width, "the largest bucket the run trained on"
     buckets = instantiate(cfg.data.buckets)
     res = buckets.order[0]
-    default_h, default_w = buckets.nearest_shape(res, 1, 1)
-    frames, height, width = frames or buckets.frames[res][0][0], height or default_h, width or default_w
-    return vae.latent_shape(frames, height, width)
+    height, width = buckets.nearest_shape(res, 1, 1)
+    return buckets.frames[res][0][0], height, width, f"the largest configured bucket ({res}, closest to square)"
+
+
+def trained_buckets(run_dir: Path) -> set[str]:
+    """The buckets a run's logged training rows name (none for an export or a run without metrics.jsonl)."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return set()
+    return {name for row in read_metrics(run_dir) for name in row.get("loss_by_bucket") or {}}
+
+
+def weights_label(tag: str, ema: bool) -> str:
+    """How the sampled weights are named: the checkpoint tag and (EMA); an export's tag says itself whether it holds
+    the EMA ("export:step_00000004 (EMA)")."""
+    return f"{tag}{' (EMA)' if ema and not tag.startswith('export:') else ''}"
+
+
+def pick_shape(
+    cfg,
+    vae,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    trained: Iterable[str] = (),
+) -> tuple[int, ...]:
+    """The latent (C, T', H', W') to sample: frames/height/width not given come from `default_shape`."""
+    f, h, w, _ = default_shape(cfg, trained)
+    return vae.latent_shape(frames or f, height or h, width or w)
 
 
 def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
@@ -190,7 +224,10 @@ def generate(
     """Sample one video per prompt (frames/height/width default to the largest training bucket); with `images`, the
     frames `cond_type` places (default i2v_head) are given."""
     cfg, model, vae, text, tag = load_run(Path(run_dir), tag, device, ema)
-    latent = pick_shape(cfg, vae, frames, height, width)
+    f, h, w, source = default_shape(cfg, trained_buckets(Path(run_dir)))
+    if not (frames and height and width):
+        print(f"{frames or f} frames of {height or h}x{width or w} (height x width); not given: from {source}")
+    latent = vae.latent_shape(frames or f, height or h, width or w)
     null_txt, null_vec = text([""])
     cond_type = cond_type or ("i2v_head" if images else "t2v")
     cond = condition_for(cfg, vae, latent, list(images or []), cond_type, device)
@@ -200,7 +237,7 @@ def generate(
         cond=cond, image_options=image_options, keep_frames=kept,
     )  # fmt: skip
     for prompt, path in zip(prompts, paths, strict=True):
-        print(f"{tag}{' (EMA)' if ema else ''}: {prompt!r} -> {path}")
+        print(f"{weights_label(tag, ema)}: {prompt!r} -> {path}")
     return paths
 
 

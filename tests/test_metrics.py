@@ -9,13 +9,23 @@ from src.metrics import MetricsLogger, StepWindow, plot_loss, read_metrics, summ
 def test_jsonl_rows_truncate_and_plot(tmp_path):
     logger = MetricsLogger(tmp_path)
     for step in range(1, 6):
-        logger.log({"step": step, "loss": 1.0 / step, "samples_per_s": 2.0, "tokens_per_s": 100.0})
+        logger.log({"step": step, "loss": 1.0 / step, "samples_per_s": 2.0, "tokens_per_s": 100.0, "step_time_s": 0.5})
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
     truncate_after(tmp_path, 3)
     assert [r["loss"] for r in read_metrics(tmp_path)] == [1.0, 0.5, 1.0 / 3]
     png = plot_loss(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary(tmp_path).startswith("loss 1.0000 (step 1) -> 0.3333 (step 3)")
+
+
+def test_the_summary_gives_the_runs_mean_throughput_and_labels_the_last_window(tmp_path):
+    # steps 1-10 at 1 s a step and 2 samples/s (compilation, a slow start), steps 11-20 at 0.1 s and 20 samples/s:
+    # 20 + 20 samples in 10 + 1 seconds, not the last window's 20 samples/s
+    logger = MetricsLogger(tmp_path)
+    logger.log({"step": 10, "loss": 1.0, "samples_per_s": 2.0, "tokens_per_s": 200.0, "step_time_s": 1.0})
+    logger.log({"step": 20, "loss": 0.5, "samples_per_s": 20.0, "tokens_per_s": 2000.0, "step_time_s": 0.1})
+    text = summary(tmp_path)
+    assert "run mean 3.6 samples/s, 364 tokens/s (last window: 20.0 samples/s, 2000 tokens/s)" in text, text
 
 
 def test_only_enabled_loggers_write(tmp_path):
