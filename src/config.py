@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -19,6 +18,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def vae_latent_channels(vae: DictConfig | dict) -> int:
     """The latent channels a VAE config (a node with `_target_`) gives, without building the VAE."""
+    from hydra.utils import get_class  # here: importing `src` (which registers this resolver) stays light
+
     args = OmegaConf.to_container(vae, resolve=True) if isinstance(vae, DictConfig) else dict(vae)
     target = args.pop("_target_", None)
     if target is None:
