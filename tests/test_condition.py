@@ -143,6 +143,24 @@ def test_the_loop_gives_the_model_the_condition_from_cache_keys_or_the_video():
     assert torch.equal(seen[0][0], online) and seen[1] == ()
 
 
+def test_no_condition_is_the_all_zero_condition_the_t2v_samples_trained_on():
+    # evaluation, probes and text-to-video sampling call the model without a condition: a trained cond_in's bias
+    # must still be added, as for the t2v samples of training (mask 0, latent 0)
+    from src.models.mmdit import MMDiT
+    from tests.conftest import tiny_model_kwargs
+
+    torch.manual_seed(0)
+    model = MMDiT(**tiny_model_kwargs(cond_channels=49)).eval()
+    for layer in (model.cond_in, model.final_layer.linear):  # zero at init, as a fresh model's: as after training
+        torch.nn.init.normal_(layer.weight, std=0.02)
+        torch.nn.init.normal_(layer.bias)
+    x, txt, vec, t = torch.randn(2, 48, 2, 4, 4), torch.randn(2, 5, 384), torch.randn(2, 384), torch.rand(2)
+    zeros = torch.zeros(2, 49, 2, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(model(x, txt, vec, t), model(x, txt, vec, t, zeros))
+        assert not torch.equal(model(x, txt, vec, t), model(x, txt, vec, t, zeros + 1))
+
+
 def test_guidance_follows_open_soras_i2v_denoiser():
     g = torch.Generator().manual_seed(0)
     v = [torch.randn(2, 3, 4, 2, 2, generator=g, dtype=torch.float64) for _ in range(3)]

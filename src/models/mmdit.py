@@ -122,7 +122,8 @@ class MMDiT(nn.Module):
         """Predict the velocity.
 
         x: (B, C, T, H, W) noisy latents; txt: (B, Lt, txt_dim) token features; vec: (B, vec_dim) pooled text;
-        t: (B,) flow time in [0, 1]; cond: (B, cond_channels, T, H, W) I2V condition, mask first, or None.
+        t: (B,) flow time in [0, 1]; cond: (B, cond_channels, T, H, W) I2V condition, mask first, or None (for a
+        model with `cond_in`: the all-zero condition, text-to-video as trained).
         Returns (B, C, T, H, W).
         """
         B, text_len = x.shape[0], txt.shape[1]
@@ -133,10 +134,15 @@ class MMDiT(nn.Module):
 
         dtype = self.img_in.weight.dtype  # inputs follow the weights (bf16 under mixed precision); t stays fp32
         img = self.img_in(self.patchify(x.to(dtype)))  # (B, Li, hidden)
-        if cond is not None:
-            if self.cond_in is None:
-                raise ValueError("a condition was given but the model was built with cond_channels=None")
-            img = img + self.cond_in(self.patchify(cond.to(dtype)))
+        if cond is not None and self.cond_in is None:
+            raise ValueError("a condition was given but the model was built with cond_channels=None")
+        if self.cond_in is not None:  # no condition: text-to-video, the all-zero condition its t2v samples trained on
+            patches = (
+                self.patchify(cond.to(dtype))
+                if cond is not None
+                else img.new_zeros(*img.shape[:2], self.cond_in.in_features)
+            )
+            img = img + self.cond_in(patches)
         vec = self.time_in(timestep_embedding(t).to(dtype)) + self.vector_in(vec.to(dtype))  # (B, hidden)
         txt = self.txt_in(txt.to(dtype))  # (B, Lt, hidden)
 
