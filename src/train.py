@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -177,8 +178,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    build_engine = instantiate(cfg.parallel)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, whatever the encoders
-    model = instantiate(cfg.model)
+    # an engine that hands every rank its slices of rank 0's weights (FSDP2) lets the others build on meta
+    on_meta = dist.rank > 0 and getattr(build_engine.func, "materialises_from_rank0", False)
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = instantiate(cfg.model)
     ckpt_dir = checkpoint_dir(run_dir)
     new_stage = bool(cfg.get("init_from")) and latest_tag(ckpt_dir) is None
     if new_stage:  # declared transition from the previous stage's final checkpoint
@@ -193,7 +198,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         OmegaConf.to_container(cfg.optim.schedule, resolve=True),
     )
     flow = instantiate(cfg.diffusion)
-    engine = instantiate(cfg.parallel)(
+    engine = build_engine(
         model=model,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=functools.partial(instantiate(cfg.optim.scheduler), group_factors=plan.lr_factor),

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -65,8 +66,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def _build(engine_cls, frozen: bool, **options):
-    model = _model()
+def _build(engine_cls, frozen: bool, meta: bool = False, **options):
+    with torch.device("meta") if meta else contextlib.nullcontext():  # as src.train builds it on ranks > 0
+        model = _model()
     plan = ParamPlan([n for n, _ in model.named_parameters()], FROZEN if frozen else [], UNFREEZE if frozen else [])
     engine = engine_cls(
         model,
@@ -138,11 +140,12 @@ def _step_worker(rank: int, world: int, port: int, options: dict, frozen: bool, 
     from src.parallel.dist import shutdown
 
     info = _setup(rank, world, port, options.get("sp_size", 1))
-    engine, plan = _build(FSDP2Engine, frozen, **options)
+    engine, plan = _build(FSDP2Engine, frozen, meta=options.pop("meta", False) and rank > 0, **options)
+    rng = torch.get_rng_state()
     init = engine.full_state_dict()
     local_numel = sum(p.to_local().numel() for p in engine.module.parameters())
     rows = _train(engine, plan, range(2 if frozen else 1), info.dp_rank, info.dp_world)
-    results[rank] = {"init": init, "local_numel": local_numel, "rows": rows}
+    results[rank] = {"init": init, "local_numel": local_numel, "rows": rows, "rng": rng}
     shutdown()
 
 
@@ -184,10 +187,15 @@ def _assert_same_step(row: dict, ref: dict, start: dict[str, torch.Tensor], step
 
 @pytest.mark.dist
 @pytest.mark.numerics
-@pytest.mark.parametrize("sp_size, replicate", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "sp2", "hsdp2x1"])
-def test_one_step_on_two_ranks_equals_the_local_engine(sp_size, replicate):
+@pytest.mark.parametrize(
+    "sp_size, replicate, meta", [(1, 1, False), (1, 1, True), (2, 1, False), (1, 2, False)],
+    ids=["dp2", "dp2-meta", "sp2", "hsdp2x1"],
+)  # fmt: skip
+def test_one_step_on_two_ranks_equals_the_local_engine(sp_size, replicate, meta):
+    # dp2-meta: rank 1 builds the model on the meta device and receives rank 0's weights and RNG state (src.train);
     # hsdp2x1: two replicas of one rank each (HSDP), gradients averaged across the replicas instead of within a shard
-    results = _spawn(_step_worker, 2, {"sp_size": sp_size, "replicate": replicate}, False)
+    results = _spawn(_step_worker, 2, {"sp_size": sp_size, "replicate": replicate, "meta": meta}, False)
+    assert torch.equal(results[0]["rng"], results[1]["rng"])  # the same random numbers after construction
     reference = _reference(False, 1)
     initial = _model().state_dict()
     total = sum(v.numel() for v in initial.values())

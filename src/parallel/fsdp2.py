@@ -7,11 +7,12 @@ the ranks of a group compute the same loss, each parameter gradient is S times i
 average over N = dp x S ranks is the data-parallel mean (docs/parallel.md).
 
 Model transforms come first, in torchtitan's order: activation checkpointing -> per-block compile -> the Ulysses
-hooks -> `fully_shard`. The model arrives fully built on the host with the run's seed (the same values as the
-local engine's, bitwise), and `fully_shard` keeps each rank's slice of every tensor, block by block, freeing the
-host copy of each block as soon as it is sharded: same seed, same weights, on any number of ranks. The host peak
-during construction is one full fp32 model per rank (plus a block); the device never holds more than one block in
-full (measured in docs/parallel.md).
+hooks -> `fully_shard`. Same seed, same weights as the local engine (bitwise), on any number of ranks: rank 0
+builds the model on the host with the run's seed; `src.train` builds it on the meta device on the other ranks
+(`materialises_from_rank0`), which receive their slices of rank 0's weights one tensor at a time after sharding,
+and rank 0's RNG state. Host peak: one fp32 model on rank 0, one tensor plus the slices elsewhere. A model built
+in full on every rank (tests, tools) is sharded block by block, each block's host copy freed once it is sharded.
+The device never holds more than one block in full (measured in docs/parallel.md).
 
 Checkpoints (`RUN_DIR/checkpoints/step_N/`) are torch.distributed.checkpoint (DCP) folders that any world size
 reads back, resharded: `.metadata` + one `__<rank>_0.distcp` per writing rank holding the flat keys
@@ -90,6 +91,36 @@ def clip_sharded_grads(params: list[nn.Parameter], max_norm: float) -> torch.Ten
     return norm
 
 
+def _built_on_meta(model: nn.Module) -> bool:
+    """Whether some rank built the model on the meta device (`materialises_from_rank0`); rank 0 must not have."""
+    meta = float(any(p.is_meta for p in model.parameters()))
+    flags = torch.tensor([meta, meta if dist.get_rank() == 0 else 0.0])  # (any rank, rank 0)
+    dist.all_reduce(flags)  # a host tensor: gloo carries it on every backend setting
+    if flags[1]:
+        raise ValueError("rank 0 built the model on the meta device: it must hold the seeded weights to share them")
+    return bool(flags[0])
+
+
+@torch.no_grad()
+def _scatter_from_rank0(model: nn.Module, seeded: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give every rank its slices of rank 0's seeded weights, one tensor at a time (rank 0 frees each as it goes),
+    and rank 0's RNG state: the other ranks built on the meta device, which draws no random numbers."""
+    rank = dist.get_rank()
+    if rank:
+        model.to_empty(device=device)  # uninitialised slices, overwritten below
+    for name, value in model.state_dict().items():
+        full = seeded[name].to(device) if rank == 0 else torch.empty(value.shape, dtype=value.dtype, device=device)
+        dist.broadcast(full, src=0)  # (*shape): the whole tensor, once
+        if isinstance(value, DTensor):
+            full = distribute_tensor(full, value.device_mesh, value.placements, src_data_rank=None)
+        _local(value).copy_(_local(full))
+        if rank == 0:
+            seeded.pop(name).untyped_storage().resize_(0)
+    rng = torch.get_rng_state()
+    dist.broadcast(rng, src=0)
+    torch.set_rng_state(rng)
+
+
 class FSDP2Engine:
     """Sharded training of `model` with torch's FSDP2; same contract as `LocalEngine` and `DeepSpeedEngine`.
 
@@ -107,6 +138,8 @@ class FSDP2Engine:
         reshard_after_forward: free each block's gathered weights after its forward (None: torch's default,
             True for blocks, False for the root); False keeps them until backward (more memory, fewer all-gathers).
     """
+
+    materialises_from_rank0 = True  # train.py may build the model on the meta device on ranks > 0
 
     def __init__(
         self,
@@ -137,12 +170,16 @@ class FSDP2Engine:
         self.mesh = build_mesh(device.type, dist.get_world_size(), replicate)
         bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         policy = bf16 if precision == "bf16" else MixedPrecisionPolicy()
+        from_rank0 = _built_on_meta(model)  # then rank 0 alone holds the seeded weights
+        seeded = dict(model.state_dict()) if from_rank0 and dist.get_rank() == 0 else {}
         for module in [*model.double_blocks, *model.single_blocks, model]:  # the root last: embedders, final layer
             full = [p for p in module.parameters() if not isinstance(p, DTensor)]
             reshard = None if module is model else reshard_after_forward
             fully_shard(module, mesh=self.mesh, mp_policy=policy, reshard_after_forward=reshard)
-            for p in full:  # now copied into this rank's slices (on the mesh's device): free the host copy at once
+            for p in full if not from_rank0 else ():  # copied into this rank's slices: free the host copy at once
                 p.untyped_storage().resize_(0)
+        if from_rank0:
+            _scatter_from_rank0(model, seeded, device)
 
         self.module = model
         self.device = device
