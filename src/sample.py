@@ -14,6 +14,7 @@ back in place before decoding (`src/diffusion/condition.py`).
 from __future__ import annotations
 
 import argparse
+import io
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,7 +25,7 @@ from omegaconf import OmegaConf
 
 from src.checkpoint import load_model_weights
 from src.cli import HelpFormatter
-from src.data.video import write_mp4
+from src.data.video import decode_clip, is_image, write_mp4
 from src.diffusion.condition import COND_TYPES, build_condition, place_given
 from src.diffusion.sampler import euler_sample
 from src.metrics import read_metrics
@@ -70,6 +71,8 @@ def sample_prompts(
     cond: torch.Tensor | None = None,
     image_options: dict | None = None,
     keep_frames=None,
+    start: int = 0,
+    prefix: str = "",
 ) -> tuple[list[Path], torch.Tensor | None]:
     """One video per prompt: prompt i from noise seeded `seed + i` of shape (C, T', H', W'), Euler + CFG through
     `velocity(x, txt, vec, t)`, `batch` prompts at a time (the noise, hence the video, does not depend on it).
@@ -78,7 +81,9 @@ def sample_prompts(
     forward) but nothing is decoded or written: ([], None). cond (1, 1 + C, T', H', W'): the same I2V condition for
     every prompt (`build_condition`; a model trained with conditions needs one, all zeros for T2V), its given frames
     put back before decoding, as Open-Sora does; image_options: `euler_sample`'s image-guidance settings;
-    keep_frames: decoded (b, 3, T, H, W) -> the frames to keep (`drop_duplicates`)."""
+    keep_frames: decoded (b, 3, T, H, W) -> the frames to keep (`drop_duplicates`). start: the first prompt's number
+    (prompt i is seeded `seed + start + i` and written as NN = start + i); prefix: put before the prompt in file names
+    (`NN_<prefix><prompt>.mp4`)."""
     if batch < 1:
         raise ValueError(f"sampling batch must be >= 1, got {batch}")
     paths, videos = [], []
@@ -86,7 +91,7 @@ def sample_prompts(
         chunk = prompts[first : first + batch]
         noise = torch.stack(
             [
-                torch.randn(*latent_shape, generator=torch.Generator().manual_seed(seed + first + i))
+                torch.randn(*latent_shape, generator=torch.Generator().manual_seed(seed + start + first + i))
                 for i in range(len(chunk))
             ]
         ).to(device)  # (b, C, T', H', W')
@@ -102,7 +107,7 @@ def sample_prompts(
         for i, video in enumerate(keep_frames(decoded) if keep_frames else decoded):  # (3, T, H, W)
             videos.append(video)
             n = first + i
-            paths.append(write_mp4(out_dir / f"{n:02d}_{slug(prompts[n])}.mp4", video, fps))
+            paths.append(write_mp4(out_dir / f"{start + n:02d}_{prefix}{slug(prompts[n])}.mp4", video, fps))
     return paths, (torch.stack(videos) if videos else None)
 
 
@@ -147,11 +152,14 @@ def pick_shape(
 
 
 def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """An image file as one frame (1, 3, 1, height, width) in [-1, 1]: resized to cover, then centre-cropped (as
-    Open-Sora's resize_crop)."""
+    """An image file, or a video's first frame, as one frame (1, 3, 1, height, width) in [-1, 1]: resized to cover,
+    then centre-cropped (as Open-Sora's resize_crop; a video through the training decoder, `decode_clip`)."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    data = Path(path).read_bytes()
+    if not is_image(data):
+        return decode_clip(data, 1, height, width)[None]  # (1, 3, 1, H, W)
+    with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
         scale = max(height / img.height, width / img.width)
         size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
@@ -179,6 +187,13 @@ def condition_for(cfg, vae, latent: tuple[int, ...], images: list[Path], cond_ty
         raise ValueError(f"--cond-type {cond_type} needs an --image")
     if cond_type not in trained:
         print(f"warning: {cond_type} is not among the condition types this run trained: {dict(trained)}")
+    return encode_condition(vae, latent, images, cond_type, device)
+
+
+def encode_condition(vae, latent: tuple[int, ...], images: list[Path], cond_type: str, device) -> torch.Tensor:
+    """The condition (1, 1 + C, T', H', W') of `cond_type` for a sample of `latent` (C, T', H', W'): each image the
+    type places loaded at the sample's size and encoded alone through `vae`; the first image is the head, the last
+    the tail."""
     C, _, H, W = latent
     height, width = H * vae.spatial_compression, W * vae.spatial_compression
     given = {}

@@ -232,7 +232,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     loader = open_loader(state=state["data"])
     data = loader.dataset
     text = vae = None
-    if not data.encoded or cfg.eval.prompts:  # from features, the encoders are built only for fixed prompts
+    if not data.encoded or cfg.eval.prompts or cfg.eval.images:  # from features: built only for fixed prompts
         text, vae = instantiate(cfg.text).to(device), instantiate(cfg.vae).to(device)
     spec = data.feature_spec(text, vae)  # the empty prompt's features, latent shapes per bucket, text widths
     null_txt, null_vec, latent_shapes = spec.null_txt.to(device), spec.null_vec.to(device), spec.latent_shapes
@@ -250,6 +250,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         dist.is_main,
         cfg.steps,
         flow.sigma_min,
+        model=model,  # eval.images need its cond_in
     )
     skipped = Counter(state["skipped"]) if step else Counter(s.reason for s in data.scan_skips)
     failed = Counter(state["failed"])  # this rank's decode failures

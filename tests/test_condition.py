@@ -273,3 +273,90 @@ def test_sample_with_an_image_starts_or_ends_on_that_image(tmp_path, monkeypatch
     assert len(list((tmp_path / "cli").glob("*.mp4"))) == 1
     with pytest.raises(ValueError, match="--cond-type i2v_loop needs an --image"):
         condition_for(run_cfg, vae, latent, [], "i2v_loop", "cpu")
+
+
+def first_frame(path) -> torch.Tensor:
+    """A written mp4's first frame, (H, W, 3) uint8 as int32."""
+    import av
+
+    with av.open(str(path)) as container:
+        return torch.from_numpy(next(container.decode(video=0)).to_ndarray(format="rgb24")).int()
+
+
+def test_eval_images_sample_i2v_at_each_evaluation_on_the_given_frames(tmp_path, monkeypatch):
+    """`eval.images` in the smoke run (patch VAE) trained with every condition type: each evaluation writes the entries
+    as NN_<type>_<prompt>.mp4 beside the text-to-video prompt, entry i from noise seed + i. The i2v_head video starts
+    on the PNG and the i2v_tail one ends on the mp4's first frame: to fp32 rounding in the decoded video (the lossless
+    patch VAE), to H.264's rounding in the written file."""
+    from PIL import Image
+
+    import src.sample
+    from src.data.video import decode_clip, write_mp4
+
+    decoded = {}  # "step_N/file name" -> the (3, T, H, W) video written there
+
+    def spy(path, video, fps):
+        decoded[f"{path.parent.name}/{path.name}"] = video.clone()
+        return write_mp4(path, video, fps)
+
+    monkeypatch.setattr(src.sample, "write_mp4", spy)
+    ramp = torch.linspace(0, 255, 32).round()  # smooth, so H.264 keeps it nearly exact
+    pixels = torch.stack([ramp[None].expand(32, 32), ramp[:, None].expand(32, 32), torch.full((32, 32), 200.0)], -1)
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(tmp_path / "first.png")
+    image = pixels.permute(2, 0, 1) / 127.5 - 1  # (3, 32, 32) in [-1, 1]
+    clip = torch.zeros(3, 4, 32, 32)
+    clip[0, 0], clip[2, 1:] = 0.5, -0.5  # the first frame reddish grey, the others bluish
+    write_mp4(tmp_path / "clip.mp4", clip, fps=8)
+    clip_first = decode_clip((tmp_path / "clip.mp4").read_bytes(), 1, 32, 32)[:, 0]  # (3, 32, 32)
+    images = (f"[{{prompt: a red square, image: {tmp_path / 'first.png'}}}, "
+              f"{{prompt: a blue circle, image: {tmp_path / 'clip.mp4'}, type: i2v_tail}}]")  # fmt: skip
+    cfg = compose_run("+experiment=smoke", "parallel=local", "steps=2", "ckpt_every=2", "model.cond_channels=49",
+                      "diffusion.cond={t2v: 1, i2v_head: 1, i2v_tail: 1, i2v_loop: 1}", "eval.every=1", "eval.steps=2",
+                      "eval.prompts=[a red square]", f"eval.images={images}")  # fmt: skip
+    train_in_process(cfg, tmp_path / "run", monkeypatch)
+    names = ["00_a_red_square.mp4", "00_i2v_head_a_red_square.mp4", "01_i2v_tail_a_blue_circle.mp4"]
+    assert sorted(decoded) == [f"step_0000000{s}/{n}" for s in (1, 2) for n in names]
+    head, tail = decoded[f"step_00000002/{names[1]}"], decoded[f"step_00000002/{names[2]}"]
+    assert head.shape == tail.shape == (3, 8, 32, 32)
+    assert (head[:, 0] - image).abs().max() < 1e-5 and (head[:, 3] - image).abs().max() > 0.1  # the rest sampled
+    assert (tail[:, -1] - clip_first).abs().max() < 1e-5 and (tail[:, -1] - tail[:, 0]).abs().max() > 0.1
+    t2v = decoded[f"step_00000002/{names[0]}"]  # the same noise as entry 0 without the image
+    assert (t2v[:, 0] - image).abs().mean() > 0.1
+    written = first_frame(tmp_path / "run" / "eval" / "step_00000002" / names[1])
+    assert (written - pixels.int()).abs().float().mean() < 5  # of 255: H.264 at crf 18 beside noisy frames
+
+
+def test_eval_images_are_refused_at_setup_without_cond_in_or_without_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "red.png")
+    entry = f"eval.images=[{{prompt: a red square, image: {tmp_path / 'red.png'}}}]"
+    with pytest.raises(
+        ValueError, match=r"red\.png'\) needs .* cond_in taking 1 \+ 48 channels; this model has no cond_in"
+    ):
+        train_in_process(compose_run("+experiment=smoke", "parallel=local", entry), tmp_path / "a", monkeypatch)
+    missing = f"eval.images=[{{prompt: a red square, image: {tmp_path / 'gone.png'}}}]"
+    cfg = compose_run("+experiment=smoke", "parallel=local", "model.cond_channels=49", missing)
+    with pytest.raises(ValueError, match=r"eval.images\[0\]: image file '.*gone\.png' not found"):
+        train_in_process(cfg, tmp_path / "b", monkeypatch)
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "error"),
+    [
+        ({"prompt": "a", "image": "gone.png"}, r"eval.images\[0\]: image file 'gone.png' not found"),
+        ({"prompt": "a"}, r"eval.images\[0\] needs 'image'"),
+        ({"prompt": "a", "image": "x.png", "type": "t2v"}, r"eval.images\[0\].type is 't2v'; valid: \['i2v_head'"),
+        ({"prompt": "a", "image": "x.png", "tail": "y.png"}, r"tail 'y.png' is only for type i2v_loop, not i2v_head"),
+        ({"prompt": "a", "image": "x.png", "size": 3}, r"unknown keys \['size'\]"),
+        ("x.png", r"eval.images\[0\] must be a mapping with keys \['prompt', 'image', 'type', 'tail'\], got 'x.png'"),
+    ],
+)
+def test_each_bad_eval_image_entry_is_named(entry, error):
+    from src.evaluation.images import eval_images
+
+    with pytest.raises(ValueError, match=error):
+        eval_images([entry], None, (48, 8, 8, 8), 49, "cpu")
+    with pytest.raises(ValueError, match=r"cond_in taking 1 \+ 48 channels; this model has a cond_in taking 5 "):
+        eval_images([{"prompt": "a", "image": "x.png"}], None, (48, 8, 8, 8), 5, "cpu")

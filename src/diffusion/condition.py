@@ -159,14 +159,19 @@ def place_given(z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     return torch.where(mask > 0, given, z)
 
 
+def cond_channels(model: torch.nn.Module) -> int | None:
+    """The channels per latent voxel the model's `cond_in` takes (1 + C for Open-Sora's condition), or None without
+    one. Read from the layer's declared shape, so a sharded or meta-device model answers too."""
+    cond_in = getattr(model, "cond_in", None)
+    return None if cond_in is None else cond_in.in_features // math.prod(model.patch_size)
+
+
 def check_condition_input(model: torch.nn.Module, weights: Mapping[str, float] | None, latent_channels: int) -> None:
     """ValueError unless a recipe with a condition feeds a model whose `cond_in` takes 1 + C channels per latent voxel
     (the mask and the C latent channels), naming both values and the fix. A model with `cond_in` may train T2V only."""
     if weights is None:
         return
-    cond_in = getattr(model, "cond_in", None)
-    voxels = math.prod(model.patch_size)
-    channels = None if cond_in is None else cond_in.in_features // voxels
+    channels = cond_channels(model)
     if channels != 1 + latent_channels:
         raise ValueError(
             f"diffusion.cond {dict(weights)} feeds the model cat(mask, masked latent): 1 + {latent_channels} channels, "

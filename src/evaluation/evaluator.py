@@ -5,7 +5,10 @@ What it does when due (config `eval`, see conf/train.yaml):
   timesteps, overall and per timestep bin, and the time / text probes (src/evaluation/validation.py);
 - every `every` steps and at the last step, with `prompts`: the fixed-prompt videos (RUN_DIR/eval/step_N/), and
   their health: brightness, contrast, motion, sharpness and flicker as ratios to the held-out clips' statistics,
-  measured once at setup (src/evaluation/health.py).
+  measured once at setup (src/evaluation/health.py);
+- at the same steps, with `images`: the fixed-prompt image-to-video samples (src/evaluation/images.py), entry i
+  seeded `seed + i` like prompt i, written as RUN_DIR/eval/step_N/NN_<type>_<prompt>.mp4. They stay out of the health
+  ratios: their given frames are the user's images, not samples of the data.
 From step `alarm_after` on, a probe gap that is not clearly positive (under `probe_min_gap`, or under
 `probe_min_z` standard errors) and a health ratio outside its bounds are alarms: logged (`alarms: warn`), or the
 run checkpoints and stops (`alarms: stop`, `LearningAlarm`). Every rank makes the same forwards in the same order
@@ -14,16 +17,19 @@ run checkpoints and stops (`alarms: stop`, `LearningAlarm`). Every rank makes th
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from src.diffusion.condition import cond_channels
 from src.evaluation.health import STATS, health_alarms, health_ratios, video_stats
+from src.evaluation.images import EvalImage, eval_images
 from src.evaluation.validation import PROBES, ValidationSet, evaluate
 from src.parallel.dist import all_sum_counts
-from src.sample import sample_prompts
+from src.sample import drop_duplicates, sample_prompts
 
 log = logging.getLogger("kiln.eval")
 ALARM_MODES = ("off", "warn", "stop")
@@ -66,6 +72,7 @@ class Evaluator:
         is_main: bool,
         last_step: int,
         sigma_min: float = 0.0,
+        model: torch.nn.Module | None = None,
     ):
         if cfg.alarms not in ALARM_MODES:
             raise ValueError(f"eval.alarms must be one of {ALARM_MODES}, got {cfg.alarms!r}")
@@ -85,6 +92,9 @@ class Evaluator:
             with torch.no_grad():
                 self.reference = video_stats(vae.decode(val.x0.float()).clamp(-1, 1))
             log.info("sample health reference (held-out clips): %s", fmt(self.reference))
+        entries = OmegaConf.to_container(cfg.images, resolve=True) if cfg.get("images") else []
+        channels = cond_channels(model) if model is not None else None
+        self.images: list[EvalImage] = eval_images(entries, vae, latent_shape, channels, self.null_txt.device)
         self.last: dict = {}  # the latest evaluation's fields and alarms (the stage report)
 
     def due(self, step: int, every: int) -> bool:
@@ -98,7 +108,7 @@ class Evaluator:
                 engine, self.val, self.null_txt, self.null_vec, self.cfg.val_bins, self.cfg.seed,
                 self.cfg.val_batch, self.sigma_min,
             )  # fmt: skip
-        if self.cfg.prompts and self.due(step, self.cfg.every):
+        if (self.cfg.prompts or self.images) and self.due(step, self.cfg.every):
             row |= self.sample(engine, step)
         if not row:
             return None
@@ -119,19 +129,29 @@ class Evaluator:
         return all_sum_counts({"alarm": mine})["alarm"] > 0
 
     def sample(self, engine, step: int) -> dict:
-        """The fixed-prompt videos; on the main rank their paths and health ratios."""
+        """The fixed-prompt videos, then the image-to-video ones; on the main rank their paths and the text-to-video
+        videos' health ratios."""
         out_dir = self.run_dir / "eval" / f"step_{step:08d}" if self.is_main else None
-        paths, videos = sample_prompts(
-            engine, self.text, self.vae, list(self.cfg.prompts), self.latent_shape, self.null_txt[None],
-            self.null_vec[None], out_dir, self.null_txt.device, seed=self.cfg.seed, steps=self.cfg.steps,
-            guidance=self.cfg.guidance, batch=self.cfg.val_batch,
-        )  # fmt: skip
+        paths, videos = [], None
+        if self.cfg.prompts:
+            paths, videos = self.draw(engine, list(self.cfg.prompts), out_dir, batch=self.cfg.val_batch)
+        for i, image in enumerate(self.images):  # one at a time: each has its own condition (and kept frames)
+            kept = functools.partial(drop_duplicates, self.vae, cond_type=image.cond_type)
+            paths += self.draw(engine, [image.prompt], out_dir, start=i, prefix=f"{image.cond_type}_", cond=image.cond,
+                               keep_frames=kept)[0]  # fmt: skip
         fields: dict = {"eval_videos": [str(p) for p in paths]}
         if self.reference is not None and videos is not None:
             stats = video_stats(videos)
             fields["health"] = health_ratios(stats, self.reference)
             fields["health_stats"] = stats
         return fields
+
+    def draw(self, engine, prompts: list[str], out_dir: Path | None, **options) -> tuple[list, torch.Tensor | None]:
+        """`sample_prompts` with the evaluation's noise seed, steps, guidance and empty prompt (every rank calls it)."""
+        return sample_prompts(
+            engine, self.text, self.vae, prompts, self.latent_shape, self.null_txt[None], self.null_vec[None], out_dir,
+            self.null_txt.device, seed=self.cfg.seed, steps=self.cfg.steps, guidance=self.cfg.guidance, **options,
+        )  # fmt: skip
 
 
 def fmt(stats: dict[str, float]) -> str:
