@@ -2,8 +2,8 @@
 none, and a tiny run learns time, text and the direction of motion (the learning regression test).
 
 All in-process on the local engine (one process, the CPU's threads) over a freshly generated synthetic set, with
-conf/experiment/learning_check.yaml (the demo's stage 1, 800 steps; see docs/learning.md); the negative controls
-start from its final weights. Marked `slow`: about 12 minutes on 2 cores together (800 training steps at ~0.7 s).
+conf/experiment/learning_check.yaml (the demo's stage 1 recipe on a 1.9M-parameter model, 600 steps; see
+docs/learning.md); the negative controls start from its final weights. Marked `slow`: a few minutes on 2 cores.
 """
 
 import json
@@ -63,17 +63,16 @@ def test_a_healthy_run_learns_motion_and_text_and_raises_no_alarm(healthy):
     final = report(run_dir)
     assert final["alarms"] == [] and final["healthy"]
     probes = final["probes"]
-    for probe in ("order", "text"):  # clearly positive: well above the alarm's bounds
+    for probe in ("time", "order", "text"):  # clearly positive: well above the alarm's bounds
         assert probes[f"{probe}_gap"] > 0.02 and probes[f"{probe}_gap"] > 5 * probes[f"{probe}_se"], probes
-    assert [r["step"] for r in rows if "val_loss" in r] == [400, 800]
-    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert [r["step"] for r in rows if "val_loss" in r] == [600]
 
 
-def test_the_learning_check_draws_the_captions_colour(healthy):
-    # the direction of motion is not asserted: when it is learnt varies from run to run (docs/learning.md)
+def test_the_learning_check_draws_the_captions_colour_and_direction(healthy):
     run_dir, _ = healthy
     result = judge_run(run_dir, steps=10)
-    assert result["colour_acc"] >= 0.7, {k: result[k] for k in ("colour_acc", "direction_acc", "directions_read")}
+    summary = {k: result[k] for k in ("colour_acc", "direction_acc", "directions_read")}
+    assert result["colour_acc"] >= 0.7 and result["direction_acc"] >= 0.75, summary
 
 
 def control(healthy, tmp_path, clips, *overrides: str, monkeypatch) -> list[str]:
