@@ -360,6 +360,17 @@ def test_one_rank_resumed_on_two_trains_like_one_process(tmp_path, single_run, s
 
 
 @pytest.mark.dist
+@pytest.mark.numerics
+def test_a_sequence_parallel_run_resumed_without_it_trains_like_one_process(tmp_path, single_run, smoke_n):
+    # steps 1-2: one sequence-parallel group of 2 ranks reading the global batch of 4; steps 3-4: 2 data-parallel
+    # ranks reading 2 each. The same global batch in another layout: nothing in the checkpoint depends on sp_size
+    sp2 = ("parallel.sp_size=2", "data.buckets.batch_scale=2", "steps=2")
+    train(tmp_path, "parallel=fsdp2", *sp2, PARITY_EPS, EVERY_STEP)
+    train(tmp_path, "parallel=fsdp2", PARITY_EPS, EVERY_STEP)
+    _assert_resumed_like_one_process(tmp_path, single_run[0], smoke_n)
+
+
+@pytest.mark.dist
 def test_an_fsdp2_run_exports_behind_the_parity_gate(two_then_one, tmp_path):
     from src.export import export
 

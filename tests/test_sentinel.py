@@ -2,8 +2,8 @@
 back to its last checkpoint and quarantines the samples, and no checkpoint ever holds a non-finite weight.
 
 The drills run the real loop in this process on the local engine over random features (seconds each), with the
-fault injection of src/faults.py; tests/test_train.py's `test_the_sentinel_on_two_zero3_ranks` does the same on
-2 ZeRO-3 ranks through torchrun.
+fault injection of src/faults.py; tests/test_train.py's `test_the_sentinel_on_two_sharded_ranks` does the same on
+2 ZeRO-3 ranks and on 2 FSDP2 ranks through torchrun (a rollback there reloads a DCP checkpoint mid-run).
 """
 
 import json

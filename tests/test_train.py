@@ -449,12 +449,14 @@ def keys_of(step: int, dp_rank: int = 0, dp_world: int = 2) -> list[str]:
     return next(batches)["key"]
 
 
-def test_the_sentinel_on_two_zero3_ranks(tmp_path):
+@pytest.mark.parametrize("parallel", ["zero3", "fsdp2"])
+def test_the_sentinel_on_two_sharded_ranks(tmp_path, parallel):
     # steps 3 and 4: a NaN sample on rank 0, skipped twice in a row: roll back to step 2's checkpoint, quarantine
     # both samples, train on without them; step 6 (the last): an infinite gradient, skipped
     nan = [keys_of(3)[0], keys_of(4)[0]]
     rows = train(
         tmp_path,
+        f"parallel={parallel}",
         "steps=6",
         EVERY_STEP,
         "faults.inf_grad_steps=[6]",
