@@ -163,7 +163,7 @@ def load_model_weights(
 def _zero3_layout(folder: Path, world: int) -> dict[str, tuple[int, int, int, torch.Size]]:
     """Where each trainable parameter sits in a ZeRO-3 checkpoint's per-rank fp32 flats:
     name -> (sub-group, offset in each rank's flat, elements per rank, full shape)."""
-    shapes = load_tensors(next(folder.glob("*_model_states.pt")))
+    shapes = load_tensors(zero3_ranked(folder, "*_model_states.pt")[0])
     where = {}
     for sub, group in enumerate(shapes["param_shapes"]):
         offset = 0
@@ -174,8 +174,8 @@ def _zero3_layout(folder: Path, world: int) -> dict[str, tuple[int, int, int, to
     return where
 
 
-def _gather(where: tuple, per_rank_flats: list[list[torch.Tensor]]) -> torch.Tensor:
-    """One parameter's full tensor from every rank's shard of it."""
+def _gather(where: tuple, per_rank_flats: list) -> torch.Tensor:
+    """One parameter's full tensor from every rank's shard of it (each rank's flats by sub-group index)."""
     sub, offset, per_rank, shape = where
     parts = [flats[sub].narrow(0, offset, per_rank) for flats in per_rank_flats]
     return torch.cat(parts)[: shape.numel()].view(shape).float()
@@ -214,18 +214,8 @@ class Moments:
             self.steps = {n: int(s["step"]) for n, s in self._local.items()}
             return
         self._local = None
-        files = sorted(folder.glob("*_optim_states.pt"), key=lambda f: int(re.search(r"rank_(\d+)_mp", f.name)[1]))
-        if not files:
-            raise ValueError(f"{folder} holds neither local_engine.pt nor DeepSpeed *_optim_states.pt files")
-        blobs = [load_tensors(f, mmap=True)["optimizer_state_dict"] for f in files]
-        if blobs[0]["zero_stage"] != 3:
-            raise ValueError(
-                f"{folder}: carrying optimizer state over is implemented for ZeRO-3, not stage {blobs[0]['zero_stage']}"
-            )
-        ranks = [b["optimizer_state_dict"]["state"] for b in blobs]  # per rank: sub-group -> AdamW state
-        self._flats = {key: [[r[i][key] for i in sorted(r)] for r in ranks] for key in ("exp_avg", "exp_avg_sq")}
-        self._where = _zero3_layout(folder, len(files))
-        self.steps = {n: int(ranks[0][w[0]]["step"]) for n, w in self._where.items()}
+        self._zero3 = Zero3Moments(folder)
+        self.steps = self._zero3.steps
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         return self.select(self.steps)
@@ -234,9 +224,46 @@ class Moments:
         if self._fsdp2 is not None:
             yield from self._fsdp2.select(names)
             return
+        if self._local is None:
+            yield from self._zero3.select(names)
+            return
         for name in names:
-            if self._local is not None:
-                yield name, self._local[name]["exp_avg"], self._local[name]["exp_avg_sq"]
-                continue
+            yield name, self._local[name]["exp_avg"], self._local[name]["exp_avg_sq"]
+
+
+def zero3_ranked(folder: Path, pattern: str) -> list[Path]:
+    """The files of a ZeRO checkpoint folder matching `pattern` (e.g. `*_optim_states.pt`), in rank order."""
+    files = list(folder.glob(pattern))
+    return sorted(files, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name)[1]))
+
+
+class Zero3Moments:
+    """AdamW state of a ZeRO-3 checkpoint folder per parameter name, gathered from every rank's memory-mapped
+    flat shards one parameter at a time. A parameter whose sub-group holds no state (its group's moments were reset
+    by a freeze schedule and it has not stepped since) has none: it is left out of `steps`.
+
+    Also the optimizer's param groups as saved (`param_groups`: lr, betas, ..., `params` = sub-group indices) and
+    the parameter names of each sub-group (`sub_groups`)."""
+
+    def __init__(self, folder: Path):
+        files = zero3_ranked(Path(folder), "*_optim_states.pt")
+        if not files:
+            raise ValueError(f"{folder} holds neither local_engine.pt nor DeepSpeed *_optim_states.pt files")
+        blobs = [load_tensors(f, mmap=True)["optimizer_state_dict"] for f in files]
+        if blobs[0]["zero_stage"] != 3:
+            raise ValueError(
+                f"{folder}: reading optimizer state is implemented for ZeRO-3, not stage {blobs[0]['zero_stage']}"
+            )
+        self.param_groups = blobs[0]["optimizer_state_dict"]["param_groups"]
+        ranks = [b["optimizer_state_dict"]["state"] for b in blobs]  # per rank: sub-group -> AdamW state
+        layout = _zero3_layout(Path(folder), len(files))
+        subs = range(1 + max(w[0] for w in layout.values()))
+        self.sub_groups = [[n for n, w in layout.items() if w[0] == sub] for sub in subs]  # sub-group -> names
+        self._where = {n: w for n, w in layout.items() if w[0] in ranks[0]}
+        self.steps = {n: int(ranks[0][w[0]]["step"]) for n, w in self._where.items()}
+        self._flats = {key: [{sub: s[key] for sub, s in r.items()} for r in ranks] for key in ("exp_avg", "exp_avg_sq")}
+
+    def select(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        for name in names:
             where = self._where[name]
             yield name, _gather(where, self._flats["exp_avg"]), _gather(where, self._flats["exp_avg_sq"])

@@ -65,14 +65,19 @@ def ds_config(
 
 
 def check_zero_world(folder: Path, world: int) -> None:
-    """Refuse a ZeRO checkpoint written by another number of ranks: DeepSpeed cannot re-partition its shards."""
+    """Refuse a ZeRO checkpoint written by another number of ranks: DeepSpeed cannot re-partition its shards. The
+    message names the command that converts it to FSDP2, which resumes on any number of ranks."""
     saved = len(list(folder.glob("*zero_pp_rank_*_optim_states.pt")))
     if saved and saved != world:
+        run_dir = folder.parent.parent
         raise ValueError(
             f"checkpoint {folder} holds the ZeRO optimizer shards of {saved} ranks, and this run has {world}: "
             f"DeepSpeed cannot re-partition them. Resume on {saved} ranks (torchrun --nproc_per_node={saved}, or "
-            f"that many nodes x GPUs), or start a new run directory from its weights with init_from="
-            f"{folder.parent.parent} (transition_optimizer=carry also carries its AdamW moments)."
+            f"that many nodes x GPUs), or convert it to FSDP2, which resumes on any number of ranks with the same "
+            f"step, moments and data position: `python -m src.convert {run_dir} {run_dir}-fsdp2 --to fsdp2 --tag "
+            f"{folder.name}`, then run this command with parallel=fsdp2 hydra.run.dir={run_dir}-fsdp2 (to keep the "
+            f"global batch, scale data.buckets.batch_scale by the data-parallel ranks before / after: {saved} / "
+            f"{world} without sequence parallelism)."
         )
 
 

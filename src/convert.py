@@ -1,0 +1,353 @@
+"""Move a run to another engine: `python -m src.convert RUN_DIR OUT_RUN_DIR --to fsdp2|local [--tag step_N]`.
+
+Reads one checkpoint of RUN_DIR, whichever engine wrote it (ZeRO-3's per-rank shards, an FSDP2 / DCP folder, the
+local engine's file; `latest` by default), checks it against its manifest, and writes the same training state for
+the target engine into OUT_RUN_DIR/checkpoints/<tag>/, sealed with a manifest like any checkpoint:
+
+- the fp32 (master) weights, the EMA, each parameter's AdamW moments and step count;
+- the optimizer's param groups (by parameter name), each group's current LR and the LR schedule's state;
+- every writing rank's loop state as saved (step, samples_seen, data position, RNG, skip counters, the sentinel's
+  history, the global batch of each bucket). The data position is global: any number of ranks continues from it.
+
+`OUT_RUN_DIR/checkpoints/latest` names the newest checkpoint converted there. OUT_RUN_DIR also gets RUN_DIR's
+`config.yaml` with its `parallel` group switched (the settings both engines have, such as precision and sp_size,
+kept) and the run files a resumed run reads or appends to (metrics.jsonl, skipped/ with the quarantine,
+trainable.jsonl, transition.json). The same training command with `parallel=<target>` and
+`hydra.run.dir=OUT_RUN_DIR` then resumes: from an FSDP2 checkpoint on any number of ranks (keep the global batch
+with `data.buckets.batch_scale`), from a local one in one process.
+
+It runs in one process, without a process group, and holds the whole state in host memory: fp32 weights, EMA and
+two moments, 16 bytes per parameter (176 GB for an 11B model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint import FileSystemWriter
+
+from src.checkpoint import Zero3Moments, check_intact, checkpoint_dir, zero3_ema, zero3_ranked
+from src.cli import HelpFormatter
+from src.config import CONF
+from src.integrity import MANIFEST, atomic_write, seal, step_folders, write_latest
+from src.parallel import fsdp2
+from src.parallel.engine import latest_tag
+from src.param_groups import ParamPlan
+from src.safe_load import load_tensors
+
+TARGETS = ("fsdp2", "local")
+RUN_FILES = ("metrics.jsonl", "trainable.jsonl", "transition.json", "skipped")
+# What DeepSpeed itself writes into each rank's *_model_states.pt; the rest is Kiln's loop state (client_state)
+DEEPSPEED_KEYS = frozenset(
+    {
+        "module",
+        "buffer_names",
+        "optimizer",
+        "param_shapes",
+        "frozen_param_shapes",
+        "shared_params",
+        "frozen_param_fragments",
+        "lr_scheduler",
+        "data_sampler",
+        "random_ltd",
+        "sparse_tensor_module_names",
+        "skipped_steps",
+        "global_steps",
+        "global_samples",
+        "dp_world_size",
+        "mp_world_size",
+        "checkpoint_parallel_dimensions",
+        "universal_checkpoint_info",
+        "ds_config",
+        "ds_version",
+    }
+)
+
+
+@dataclass
+class TrainingState:
+    """A checkpoint's training state, consolidated: what every engine saves, in no engine's layout."""
+
+    engine: str  # the engine that wrote it: zero3, fsdp2 or local
+    weights: dict[str, torch.Tensor]  # every model tensor, fp32, full
+    ema: dict[str, torch.Tensor] | None  # the EMA of the trainable ones (None: the run had ema: null)
+    groups: list[list[str]]  # the optimizer's param groups, by parameter name
+    lrs: list[float]  # each group's current learning rate
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]]  # name -> (exp_avg, exp_avg_sq, AdamW step)
+    scheduler: dict  # the LR schedule's state_dict
+    loops: list[dict]  # each writing rank's loop state, in rank order
+
+
+def engine_of(folder: Path) -> str:
+    """Which engine wrote a checkpoint folder, from its files."""
+    if fsdp2.is_checkpoint(folder):
+        return "fsdp2"
+    if (folder / "local_engine.pt").is_file():
+        return "local"
+    if zero3_ranked(folder, "*zero_pp_rank_*_model_states.pt"):
+        return "zero3"
+    found = sorted(p.name for p in folder.iterdir())[:8]
+    raise ValueError(f"{folder} is no checkpoint of a Kiln engine (zero3, fsdp2, local): it holds {found}")
+
+
+def read_state(folder: Path) -> TrainingState:
+    """The training state of a checkpoint folder written by any engine (not verified here: see `convert`)."""
+    return {"zero3": _read_zero3, "fsdp2": _read_fsdp2, "local": _read_local}[engine_of(folder)](folder)
+
+
+def _read_zero3(folder: Path) -> TrainingState:
+    from src.parallel.deepspeed import _import_deepspeed
+
+    _import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    moments = Zero3Moments(folder)
+    ranks = [load_tensors(f) for f in zero3_ranked(folder, "*_model_states.pt")]
+    return TrainingState(
+        engine="zero3",
+        weights={k: v.float() for k, v in weights.items()},
+        ema=zero3_ema(folder) if any(folder.glob("ema_rank_*.pt")) else None,
+        groups=[[n for sub in g["params"] for n in moments.sub_groups[sub]] for g in moments.param_groups],
+        lrs=[g["lr"] for g in moments.param_groups],
+        moments={n: (m, v, moments.steps[n]) for n, m, v in moments.select(moments.steps)},
+        scheduler=ranks[0]["lr_scheduler"],
+        loops=[{k: v for k, v in r.items() if k not in DEEPSPEED_KEYS} for r in ranks],
+    )
+
+
+def _read_fsdp2(folder: Path) -> TrainingState:
+    record = json.loads((folder / fsdp2.MARKER).read_text())
+    weights = fsdp2.read_weights(folder)
+    ema = None
+    if record["ema"]:
+        trained = fsdp2.read_weights(folder, ema=True)  # the EMA in place of every trained weight
+        ema = {n: trained[n] for g in record["groups"] for n in g}
+    moments = fsdp2.Fsdp2Moments(folder)
+    return TrainingState(
+        engine="fsdp2",
+        weights=weights,
+        ema=ema,
+        groups=record["groups"],
+        lrs=record["lrs"],
+        moments={n: (m, v, moments.steps[n]) for n, m, v in moments.select(moments.steps)},
+        scheduler=record["scheduler"],
+        loops=[load_tensors(f) for f in sorted(folder.glob("loop_rank_*.pt"))],
+    )
+
+
+def _read_local(folder: Path) -> TrainingState:
+    blob = load_tensors(folder / "local_engine.pt")
+    order = [n for group in blob["param_names"] for n in group]  # optimizer index -> name
+    return TrainingState(
+        engine="local",
+        weights={k: v.float() for k, v in blob["module"].items()},
+        ema=blob["ema"],
+        groups=blob["param_names"],
+        lrs=[g["lr"] for g in blob["optimizer"]["param_groups"]],
+        moments={
+            order[i]: (s["exp_avg"], s["exp_avg_sq"], int(s["step"])) for i, s in blob["optimizer"]["state"].items()
+        },
+        scheduler=blob["scheduler"],
+        loops=[blob["state"]],
+    )
+
+
+def write_fsdp2(state: TrainingState, folder: Path, sp_size: int) -> None:
+    """The files `FSDP2Engine.save` writes, from one process: DCP's `.metadata` and `__0_0.distcp` with the full
+    tensors (any number of ranks reads its slices of them), each rank's loop state, then `fsdp2.json`."""
+    flat = {f"model.{k}": v for k, v in state.weights.items()}
+    flat |= {f"ema.{k}": v for k, v in (state.ema or {}).items()}
+    for name, (exp_avg, exp_avg_sq, step) in state.moments.items():
+        flat[f"optim.{name}.exp_avg"] = exp_avg.float()
+        flat[f"optim.{name}.exp_avg_sq"] = exp_avg_sq.float()
+        flat[f"optim.{name}.step"] = torch.tensor(float(step))  # where torch's AdamW keeps it: an fp32 scalar
+    with warnings.catch_warnings():  # "saving in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(flat, storage_writer=FileSystemWriter(folder), no_dist=True)
+    for rank, loop in enumerate(state.loops):
+        torch.save(loop, folder / f"loop_rank_{rank:05d}.pt")
+    record = {
+        "engine": "fsdp2",
+        "world_size": len(state.loops),
+        "sp_size": sp_size,
+        "ema": state.ema is not None,
+        "lrs": state.lrs,
+        "groups": state.groups,
+        "scheduler": state.scheduler,
+        "converted_from": state.engine,
+    }
+    atomic_write(folder / fsdp2.MARKER, json.dumps(record, indent=1))  # last: the folder is complete
+
+
+def write_local(state: TrainingState, folder: Path, groups: list[list[str]], defaults: dict) -> None:
+    """`local_engine.pt` as `LocalEngine.save` writes it. `groups`: the param groups in the order the local engine
+    builds them (its optimizer state is by position); `defaults`: its optimizer's settings (betas, eps, fused ...).
+    The loop state is rank 0's."""
+    index = {n: i for i, n in enumerate(n for g in groups for n in g)}
+    optimizer = {
+        "state": {
+            index[n]: {"step": torch.tensor(float(step)), "exp_avg": m, "exp_avg_sq": v}
+            for n, (m, v, step) in state.moments.items()
+        },
+        "param_groups": [
+            {**defaults, "lr": lr, "initial_lr": base, "params": [index[n] for n in names]}
+            for names, lr, base in zip(groups, state.lrs, state.scheduler["base_lrs"], strict=True)
+        ],
+    }
+    blob = {
+        "module": state.weights,
+        "optimizer": optimizer,
+        "scheduler": state.scheduler,
+        "param_names": groups,
+        "ema": state.ema,
+        "state": state.loops[0],
+    }
+    torch.save(blob, folder / "local_engine.pt")
+
+
+def model_groups(cfg: DictConfig, state: TrainingState) -> list[list[str]]:
+    """The config's model and param groups, checked against the checkpoint: every tensor with its shape, the same
+    groups. Returns the groups as an engine built from `cfg` orders them (model order)."""
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in state.weights.items()}
+    if shapes != saved:
+        wrong = sorted(k for k in shapes.keys() | saved.keys() if shapes.get(k) != saved.get(k))
+        raise ValueError(
+            f"the checkpoint's tensors do not fit the run's model (config.yaml): {wrong[:5]} "
+            f"({len(wrong)} differ: name or shape); convert a checkpoint with the run directory it was written in"
+        )
+    plan = ParamPlan(
+        list(dict(model.named_parameters())),
+        OmegaConf.to_container(cfg.optim.groups, resolve=True),
+        OmegaConf.to_container(cfg.optim.schedule, resolve=True),
+    )
+    if sorted(map(sorted, plan.members)) != sorted(map(sorted, state.groups)):
+        raise ValueError(
+            f"the checkpoint's optimizer groups ({[len(g) for g in state.groups]} tensors) are not those of "
+            f"optim.groups in config.yaml ({[len(g) for g in plan.members]}): was config.yaml edited after the run?"
+        )
+    return plan.members
+
+
+def optimizer_defaults(cfg: DictConfig) -> dict:
+    """The settings of a param group of the run's optimizer (lr, betas, eps, weight_decay, fused, ...)."""
+    group = instantiate(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def switched_config(cfg: DictConfig, target: str) -> DictConfig:
+    """`cfg` with `conf/parallel/<target>.yaml` as its parallel group, keeping the settings both engines have."""
+    default = OmegaConf.load(CONF / "parallel" / f"{target}.yaml")
+    kept = {k: cfg.parallel[k] for k in default if k in cfg.parallel and not k.startswith("_")}
+    switched = OmegaConf.merge(cfg, {"parallel": None})
+    switched.parallel = OmegaConf.merge(default, kept)
+    return switched
+
+
+def _prepare_out(out: Path) -> None:
+    """Refuse to overwrite a sealed checkpoint; a folder left unsealed by an interrupted conversion is redone."""
+    if (out / MANIFEST).is_file():
+        raise ValueError(f"{out} already holds a sealed checkpoint: choose another OUT_RUN_DIR, or delete {out}")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def _copy_run_files(run_dir: Path, out_dir: Path) -> None:
+    for name in RUN_FILES:
+        source, dest = run_dir / name, out_dir / name
+        if source.is_dir():
+            shutil.copytree(source, dest, dirs_exist_ok=True)
+        elif source.is_file():
+            shutil.copy2(source, dest)
+
+
+def _newest(ckpt_dir: Path, tag: str) -> str:
+    """The newest sealed checkpoint of `ckpt_dir` (`tag` if none is newer)."""
+    sealed = [f.name for f in step_folders(ckpt_dir) if (f / MANIFEST).is_file()]
+    return sealed[0] if sealed else tag
+
+
+def convert(run_dir: Path, out_dir: Path, target: str, tag: str | None = None) -> Path:
+    """Write RUN_DIR's checkpoint `tag` (default: latest) for engine `target` into OUT_RUN_DIR; returns the folder."""
+    run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir).resolve()
+    if target not in TARGETS:
+        raise ValueError(f"--to {target!r} is not one of {TARGETS}")
+    if out_dir == run_dir:
+        raise ValueError(f"OUT_RUN_DIR is RUN_DIR ({run_dir}): convert into a new run directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} has no config.yaml: RUN_DIR must be a Kiln run directory")
+    tag = tag or latest_tag(checkpoint_dir(run_dir))
+    folder = checkpoint_dir(run_dir) / str(tag)
+    if tag is None or not folder.is_dir():
+        found = [f.name for f in step_folders(checkpoint_dir(run_dir))]
+        raise ValueError(f"no checkpoint {tag or '(latest)'} in {checkpoint_dir(run_dir)}; present: {found}")
+    check_intact(folder)  # every file against the manifest; no pickle that would run code
+    source = engine_of(folder)
+    if source == target:
+        raise ValueError(
+            f"{folder} is already a {source} checkpoint"
+            + (": it resumes on any number of ranks as it is" if source == "fsdp2" else "")
+        )
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    state = read_state(folder)
+    groups = model_groups(cfg, state)
+    out = checkpoint_dir(out_dir) / folder.name
+    _prepare_out(out)
+    if target == "fsdp2":
+        write_fsdp2(state, out, int(cfg.parallel.get("sp_size", 1)))
+    else:
+        write_local(state, out, groups, optimizer_defaults(cfg))
+    seal(out)
+    write_latest(out.parent, _newest(out.parent, out.name))
+    _copy_run_files(run_dir, out_dir)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(switched_config(cfg, target)))
+    return out
+
+
+def resume_hint(run_dir: Path, out_dir: Path, target: str) -> str:
+    """The command that resumes the converted run: the run's own overrides, another engine and run directory."""
+    overrides_file = Path(run_dir) / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    kept = [o for o in overrides or [] if not o.lstrip("+~").startswith(("parallel", "hydra.run.dir"))]
+    launcher = "torchrun --nproc_per_node=N" if target == "fsdp2" else "python"
+    command = f"{launcher} -m src.train {' '.join(kept)} parallel={target} hydra.run.dir={out_dir}"
+    return " ".join(command.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.convert", formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("run_dir", type=Path, help="the run directory holding the checkpoint (RUN_DIR)")
+    parser.add_argument("out_dir", type=Path, help="the new run directory (OUT_RUN_DIR)")
+    parser.add_argument("--to", required=True, choices=TARGETS, help="the engine to resume with")
+    parser.add_argument("--tag", default=None, help="the checkpoint, e.g. step_00001000 (default: latest)")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.run_dir, args.out_dir, args.to, args.tag)
+    except ValueError as err:  # a refusal names the value and the fix: no traceback
+        print(f"python -m src.convert: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.to}, sealed); resume it with the run's command on the new engine and directory:")
+    print(f"  {resume_hint(args.run_dir, args.out_dir.resolve(), args.to)}")
+    print("keeping the global batch: data.buckets.batch_scale x (data-parallel ranks before / after)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Moving a run between engines (src/convert.py), through the real entry point on the smoke experiment.
+
+- a 2-rank ZeRO-3 run's refusal to resume on 1 rank names the converter command; run as named, it writes an FSDP2
+  checkpoint holding bitwise the ZeRO-3 weights, EMA, AdamW moments and step counts, LR schedule and every rank's
+  loop state, sealed (`python -m src.integrity verify` passes);
+- resumed on 1 rank with the same global batch, it trains like one uninterrupted local process (the parity bounds
+  of tests/numerics.py through tests/test_train.assert_same_training) and stands at the same data position after
+  step 4: no sample lost or repeated; the same for ZeRO-3 -> local;
+- FSDP2 -> local keeps the state bitwise; converting to the engine that wrote it, or over a sealed checkpoint, is
+  refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.checkpoint import Moments, load_model_weights, step_tag
+from src.convert import DEEPSPEED_KEYS
+from src.parallel.deepspeed import check_zero_world
+from src.safe_load import load_tensors
+from tests import test_train
+from tests.conftest import ROOT, clean_env
+from tests.test_fsdp2 import _assert_resumed_like_one_process
+from tests.test_train import EVERY_STEP, PARITY_EPS, run, train
+
+# tests/test_train.py's fixtures: 4 steps on 2 ZeRO-3 ranks, the same 4 in one local process on the global batch
+zero3_run, single_run, smoke_n = test_train.zero3_run, test_train.single_run, test_train.smoke_n
+
+
+def convert(*args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "src.convert", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def zero3_as_fsdp2(zero3_run) -> Path:
+    """Steps 1-2 of the ZeRO-3 run converted to FSDP2 by the command its refusal on 1 rank names (step 1 as well:
+    the parity check starts there), then resumed on 1 rank for steps 3-4 with the same global batch."""
+    run_dir = zero3_run[0]
+    with pytest.raises(ValueError) as refusal:
+        check_zero_world(run_dir / "checkpoints" / step_tag(2), 1)
+    command = shlex.split(re.search(r"`(python -m src\.convert [^`]+)`", str(refusal.value))[1])
+    assert command[3:] == [str(run_dir), f"{run_dir}-fsdp2", "--to", "fsdp2", "--tag", step_tag(2)]
+    convert(*command[3:])
+    out = Path(f"{run_dir}-fsdp2")
+    assert f"parallel=fsdp2 hydra.run.dir={out}" in str(refusal.value)
+    convert(run_dir, out, "--to", "fsdp2", "--tag", step_tag(1))
+    assert (out / "checkpoints/latest").read_text() == step_tag(2)  # the newest converted one
+    train(out, "parallel=fsdp2", "data.buckets.batch_scale=2", PARITY_EPS, EVERY_STEP, nproc=1)
+    return out
+
+
+def same(a, b) -> bool:
+    """Equal to the bit, through dicts, lists and tuples of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def assert_same_state(run_dir: Path, out_dir: Path, tag: str) -> None:
+    """Weights, EMA, every AdamW moment and step count of checkpoint `tag` bitwise equal in both runs."""
+    for ema in (False, True):
+        a, b = (load_model_weights(d, tag, ema=ema)[0] for d in (run_dir, out_dir))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ema
+    before, after = Moments(run_dir, tag), Moments(out_dir, tag)
+    assert before.steps == after.steps and len(before.steps) == len(a)
+    for (name, m, v), (name1, m1, v1) in zip(before, after.select(before.steps), strict=True):
+        assert name == name1 and torch.equal(m, m1) and torch.equal(v, v1), name
+
+
+def verify(folder: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.integrity", "verify", str(folder)],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.dist
+def test_zero3_converted_to_fsdp2_holds_the_same_state_sealed(zero3_run, zero3_as_fsdp2):
+    run_dir = zero3_run[0]
+    for step in (1, 2):
+        tag = step_tag(step)
+        folder = zero3_as_fsdp2 / "checkpoints" / tag
+        assert verify(folder).strip() == f"{folder}: intact"
+        assert_same_state(run_dir, zero3_as_fsdp2, tag)
+        ranks = sorted((run_dir / "checkpoints" / tag).glob("zero_pp_rank_*_model_states.pt"))
+        saved = [load_tensors(f) for f in ranks]
+        loops = [load_tensors(folder / f"loop_rank_{r:05d}.pt") for r in range(2)]
+        assert all(
+            same({k: v for k, v in s.items() if k not in DEEPSPEED_KEYS}, loop)
+            for s, loop in zip(saved, loops, strict=True)
+        )
+        assert (
+            loops[0]["step"] == step and loops[0]["samples_seen"] == 4 * step and loops[0]["data"]["next"] == 4 * step
+        )
+        record = json.loads((folder / "fsdp2.json").read_text())
+        assert record["scheduler"] == saved[0]["lr_scheduler"] and record["lrs"] == [1e-4]
+        assert (record["world_size"], record["converted_from"]) == (2, "zero3")
+
+
+@pytest.mark.dist
+@pytest.mark.numerics
+def test_zero3_converted_to_fsdp2_resumes_on_one_rank_like_one_process(zero3_as_fsdp2, single_run, smoke_n):
+    # steps 1-2 on 2 ZeRO-3 ranks (batch 2 each), 3-4 on 1 FSDP2 rank (batch 4): every loss, step 1's gradients,
+    # moments and update, the final weights within the bounds of tests/numerics.py; after step 4 the same 16
+    # samples consumed and the same plan state as the uninterrupted run
+    _assert_resumed_like_one_process(zero3_as_fsdp2, single_run[0], smoke_n)
+    assert "resumed from" in (zero3_as_fsdp2 / "train.log").read_text()
+
+
+@pytest.mark.dist
+@pytest.mark.numerics
+def test_zero3_converted_to_local_resumes_like_one_process(zero3_run, single_run, smoke_n, tmp_path):
+    for step in (1, 2):
+        convert(zero3_run[0], tmp_path, "--to", "local", "--tag", step_tag(step))
+    train(tmp_path, "parallel=local", "data.buckets.batch_scale=2", PARITY_EPS, EVERY_STEP, nproc=1)
+    _assert_resumed_like_one_process(tmp_path, single_run[0], smoke_n)
+
+
+@pytest.mark.dist
+def test_fsdp2_converted_to_local_holds_the_same_state(zero3_as_fsdp2, tmp_path):
+    convert(zero3_as_fsdp2, tmp_path, "--to", "local")  # latest: step 4, written by the FSDP2 engine on 1 rank
+    tag = step_tag(4)
+    assert verify(tmp_path / "checkpoints" / tag) and (tmp_path / "checkpoints/latest").read_text() == tag
+    assert_same_state(zero3_as_fsdp2, tmp_path, tag)
+    blob = load_tensors(tmp_path / "checkpoints" / tag / "local_engine.pt")
+    assert same(blob["state"], load_tensors(zero3_as_fsdp2 / "checkpoints" / tag / "loop_rank_00000.pt"))
+    config = (tmp_path / "config.yaml").read_text()
+    assert "_target_: src.parallel.local.LocalEngine" in config and "precision: fp32" in config
+    assert (tmp_path / "metrics.jsonl").read_text() == (zero3_as_fsdp2 / "metrics.jsonl").read_text()
+
+
+@pytest.mark.dist
+def test_converting_to_the_same_engine_or_over_a_sealed_checkpoint_is_refused(zero3_as_fsdp2, zero3_run):
+    same_engine = subprocess.run(
+        [sys.executable, "-m", "src.convert", str(zero3_as_fsdp2), str(zero3_as_fsdp2) + "-again", "--to", "fsdp2"],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert same_engine.returncode == 2 and "is already a fsdp2 checkpoint: it resumes on any number of ranks" in (
+        same_engine.stderr
+    )
+    with pytest.raises(AssertionError, match=r"already holds a sealed checkpoint: choose another OUT_RUN_DIR"):
+        convert(zero3_run[0], zero3_as_fsdp2, "--to", "fsdp2", "--tag", step_tag(1))
