@@ -1,12 +1,15 @@
 """Training speed: Kiln's real loop and engine against the same architecture built from diffusers.
 
     python -m src.bench [--model mmdit_1b] [--latent 33 32 32] [--text-tokens 512] [--batch 1] [--steps 30]
-                        [--log-every 5] [--nproc 1] [--no-baseline] [--json OUT] [OVERRIDE ...]
+                        [--log-every 5] [--nproc 1] [--engines ENGINE:RANKS ...] [--no-baseline] [--json OUT]
+                        [OVERRIDE ...]
 
 1. **Kiln**: `src.train` itself (torchrun with `--nproc` > 1) on `data=random_features`: random latents of the
    given grid and random text features, so no decoding, encoder or disk is involved, through the configured engine
    (ZeRO-3 bf16 by default; OVERRIDEs such as `parallel=local parallel.checkpoint_double=4 parallel.compile=true`
    change it). Its figures are what the run writes to `metrics.jsonl`.
+   `--engines local:1 zero3:1 zero3:2 fsdp2:1 fsdp2:2` runs it once per engine and rank count instead, in one
+   command (the same model, shapes and batch per rank; the precision each engine's config or an OVERRIDE sets).
 2. **Baseline**: the same architecture and size as diffusers' `FluxTransformer2DModel` (`flux_config`, the
    model Kiln exports to), in one process with a plain training step: fp32 weights under bf16 autocast (what
    accelerate's `mixed_precision=bf16` does), the same AdamW settings, the same inputs, noise and timesteps,
@@ -45,9 +48,14 @@ from src.profiler import table as profile_table
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compose_config(args: argparse.Namespace) -> tuple[DictConfig, list[str]]:
-    """The training config Kiln runs with, and its overrides (the baseline reads model, optim, diffusion, seed)."""
+ENGINES = ("local", "zero3", "fsdp2")  # conf/parallel/
+
+
+def compose_config(args: argparse.Namespace, engine: str | None = None) -> tuple[DictConfig, list[str]]:
+    """The training config Kiln runs with, and its overrides (the baseline reads model, optim, diffusion, seed);
+    `engine` chooses the parallel group (before the OVERRIDEs, which may set its keys)."""
     overrides = [
+        *([f"parallel={engine}"] if engine else []),
         f"model={args.model}",
         "data=random_features",
         f"data.latent=[{','.join(map(str, args.latent))}]",
@@ -85,13 +93,26 @@ def summarise(rows: list[dict], warmup: int, world: int) -> dict:
     return out
 
 
-def run_kiln(overrides: list[str], nproc: int, tmp: Path) -> tuple[list[dict], dict | None]:
+def parse_engines(specs: list[str]) -> list[tuple[str, int]]:
+    """`--engines` entries ENGINE:RANKS (e.g. fsdp2:2) as (engine, ranks); refused by value when impossible."""
+    runs = []
+    for spec in specs:
+        engine, _, ranks = spec.partition(":")
+        if engine not in ENGINES or not ranks.isdigit() or int(ranks) < 1:
+            raise SystemExit(f"--engines {spec!r}: expected ENGINE:RANKS with ENGINE one of {ENGINES}, e.g. fsdp2:2")
+        if engine == "local" and int(ranks) != 1:
+            raise SystemExit(f"--engines {spec!r}: the local engine runs one process (local:1)")
+        runs.append((engine, int(ranks)))
+    return runs
+
+
+def run_kiln(overrides: list[str], nproc: int, tmp: Path, name: str = "kiln") -> tuple[list[dict], dict | None]:
     """The Kiln run's metrics rows, and rank 0's profile breakdown when `profile.steps` was set."""
-    run_dir = tmp / "kiln"
+    run_dir = tmp / name
     args = ["-m", "src.train", *overrides, f"hydra.run.dir={run_dir}"]
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    _run(args, tmp / "kiln.log")
+    _run(args, tmp / f"{name}.log")
     profile = run_dir / "profile" / "breakdown_rank0.json"
     return read_metrics(run_dir), json.loads(profile.read_text()) if profile.is_file() else None
 
@@ -204,6 +225,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="log windows left out of the figures")
     parser.add_argument("--nproc", type=int, default=1, help="ranks of the Kiln run (the baseline runs on one)")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=None,
+        metavar="ENGINE:RANKS",
+        help=f"one Kiln run per entry instead of one run of the configured engine ({', '.join(ENGINES)}), e.g. "
+        "local:1 zero3:1 zero3:2 fsdp2:1 fsdp2:2",
+    )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument(
         "--baseline-checkpointing",
@@ -229,12 +258,19 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.device("meta"):
         model = instantiate(cfg.model)
     video_tokens = math.prod(model.token_grid((0, 0, *args.latent)))  # refuses a grid the patch does not divide
-    engine = cfg.parallel._target_.rsplit(".", 1)[-1]
-    kiln_name = f"Kiln ({engine}, {cfg.parallel.precision}, {args.nproc} rank{'s' * (args.nproc > 1)})"
+    runs = parse_engines(args.engines) if args.engines else [(None, args.nproc)]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        rows, profile = run_kiln(overrides, args.nproc, Path(tmp))
-        results[kiln_name] = summarise(rows, args.warmup, args.nproc)
+        profile = None
+        for i, (engine, nproc) in enumerate(runs):
+            run_cfg, run_overrides = compose_config(args, engine) if engine else (cfg, overrides)
+            name = run_cfg.parallel._target_.rsplit(".", 1)[-1]
+            precision = run_cfg.parallel.get("precision", "fp32")
+            rows, run_profile = run_kiln(run_overrides, nproc, Path(tmp), f"kiln{i}")
+            results[f"Kiln ({name}, {precision}, {nproc} rank{'s' * (nproc > 1)})"] = summarise(
+                rows, args.warmup, nproc
+            )
+            profile = profile or run_profile  # the first run's
         if not args.no_baseline:
             out = Path(tmp) / "baseline.json"
             worker = ["-m", "src.bench", "--baseline-worker", str(out), *(argv or sys.argv[1:])]
@@ -242,8 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
             base = json.loads(out.read_text())
             name = f"diffusers {base['class']} (plain bf16-autocast step)"
             results[name] = summarise(base["rows"], args.warmup, 1) | {"parameters": base["parameters"]}
-    kiln, *rest = results.values()
-    ratio = kiln["tokens_per_s_per_device"] / rest[0]["tokens_per_s_per_device"] if rest else None
+    kilns = {k: r for k, r in results.items() if k.startswith("Kiln")}
+    reference = [r["tokens_per_s_per_device"] for k, r in results.items() if k.startswith("diffusers")]
+    ratios = {k: r["tokens_per_s_per_device"] / reference[0] for k, r in kilns.items()} if reference else {}
+    ratio = next(iter(ratios.values()), None)  # the first Kiln run's
     report = {
         "device": device_name(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -254,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_per_rank": args.batch,
         "results": results,
         "ratio_kiln_over_baseline": ratio,
+        "ratios_over_baseline": ratios,
         "profile": profile,
     }
     print(
@@ -261,8 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"rank, {args.steps} steps, on {report['device']}"
     )
     print(table(results))
-    if ratio is not None:
+    if len(ratios) == 1:
         print(f"Kiln / baseline tokens/s: {ratio:.2f}x")
+    for name, value in ratios.items() if len(ratios) > 1 else ():
+        print(f"{name} / baseline tokens/s per device: {value:.2f}x")
     if profile:
         print(profile_table(profile))
     if args.json:

@@ -182,3 +182,37 @@ def test_a_run_on_random_features_without_checkpoints_profiles_its_steps(tmp_pat
     assert not (tmp_path / "checkpoints").exists()  # ckpt_every=0: nothing written, not even at the end
     report = json.loads((tmp_path / "profile/breakdown_rank0.json").read_text())
     assert report["steps"] == 2 and report["top_ops"][0]["seconds_per_step"] > 0
+
+
+@pytest.mark.dist
+def test_bench_compares_the_engines_on_one_and_two_ranks_in_one_run(tmp_path):
+    out = tmp_path / "engines.json"
+    cmd = [sys.executable, "-m", "src.bench", "--model", "mmdit_tiny", "--latent", "2", "8", "8", "--text-tokens", "8"]
+    cmd += ["--batch", "2", "--steps", "4", "--log-every", "2", "--engines", "local:1", "zero3:2", "fsdp2:2"]
+    cmd += ["--no-baseline", "--json", str(out), "parallel.precision=fp32"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())["results"]
+    names = [
+        "Kiln (LocalEngine, fp32, 1 rank)",
+        "Kiln (DeepSpeedEngine, fp32, 2 ranks)",
+        "Kiln (FSDP2Engine, fp32, 2 ranks)",
+    ]
+    assert list(results) == names
+    for r in results.values():  # 2 windows of 2 steps, the first left out
+        assert r["windows"] == 1 and r["tokens_per_s_per_device"] > 0 and r["step_time_s"] > 0
+    # both sharded engines train the same model on the same global batch (4): the same losses to fp32 rounding (the
+    # 1e-5 of the 2-rank parity tests in tests/test_train.py); the local run's global batch is 2
+    zero3, fsdp2 = (results[n]["loss_last"] for n in names[1:])
+    assert fsdp2 == pytest.approx(zero3, rel=1e-5) and results[names[0]]["loss_last"] != zero3
+    assert all(f"| {name} |" in proc.stdout for name in names)
+
+
+def test_bench_refuses_an_impossible_engine_entry():
+    from src.bench import parse_engines
+
+    assert parse_engines(["local:1", "fsdp2:4"]) == [("local", 1), ("fsdp2", 4)]
+    with pytest.raises(SystemExit, match=r"'local:2': the local engine runs one process"):
+        parse_engines(["local:2"])
+    with pytest.raises(SystemExit, match=r"'ddp:2': expected ENGINE:RANKS with ENGINE one of"):
+        parse_engines(["ddp:2"])
