@@ -20,6 +20,7 @@ from tests.test_train import EVERY_STEP, PARITY_EPS, _adamw, _within, first_step
 
 RULES = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/experiment/stage2_tiny.yaml").transition)
 REINIT = ["final_layer.linear.bias", "final_layer.linear.weight", "img_in.bias", "img_in.weight"]
+NEW = sorted([*REINIT, "cond_in.bias", "cond_in.weight"])  # stage2_tiny's I2V input is new too (zeroed)
 
 
 def stage_models(cond_channels=None):
@@ -132,12 +133,12 @@ def test_stage2_from_the_cache_with_a_freeze_schedule(stages):
     assert "stage transition from" in (run_dir / "train.log").read_text()
     phases = [json.loads(line) for line in (run_dir / "trainable.jsonl").read_text().splitlines()]
     assert [(p["step"], p["phase"]) for p in phases] == [(0, 0), (2, 1)]
-    assert sorted(phases[0]["groups"][0]["keys"]) == REINIT and phases[0]["groups"][1]["trainable"] is False
+    assert sorted(phases[0]["groups"][0]["keys"]) == NEW and phases[0]["groups"][1]["trainable"] is False
     loaded, _ = load_model_weights(root / "stage1_tiny")
     at2, _ = load_model_weights(run_dir, "step_00000002")
     at4, _ = load_model_weights(run_dir)
     for key in at2:  # frozen for 2 steps: exactly stage 1's weights; then trained
-        if key not in REINIT:
+        if key not in NEW:
             assert torch.equal(at2[key], loaded[key]), key
     assert not torch.equal(
         at4["double_blocks.0.img_attn.q_proj.weight"], loaded["double_blocks.0.img_attn.q_proj.weight"]
@@ -147,7 +148,7 @@ def test_stage2_from_the_cache_with_a_freeze_schedule(stages):
 # the new layers in a group of their own (all trainable from step 0), so the loaded group can carry its moments
 CARRY = [
     "optim.schedule=[]",
-    r"optim.groups=[{pattern:'^(img_in|final_layer\.linear)\.',warmup_steps:2}]",
+    r"optim.groups=[{pattern:'^(img_in|final_layer\.linear|cond_in)\.',warmup_steps:2}]",
     "steps=2",
     PARITY_EPS,
     EVERY_STEP,
@@ -190,7 +191,7 @@ def test_carried_adam_moments_reach_zero3_ranks_like_one_process(stages):
         _within(final2[key], final1[key], drift + 4 * EPS32 * final1[key].abs(), key)
     # the carried moments changed the first update of the loaded parameters beyond that rounding
     w_reset, _ = load_model_weights(reset, "step_00000001")
-    moved = [k for k in w1 if k not in REINIT and ((w2[k] - w_reset[k]).abs() > atols[k]).any()]
+    moved = [k for k in w1 if k not in NEW and ((w2[k] - w_reset[k]).abs() > atols[k]).any()]
     assert len(moved) > len(w1) // 2
     assert Moments(sharded).steps["double_blocks.0.img_attn.q_proj.weight"] == 4 + 2  # stage 1's 4 steps, then 2
     assert Moments(sharded).steps["img_in.weight"] == 2
@@ -206,7 +207,7 @@ def test_carry_refuses_a_group_mixing_loaded_and_new_layers(stages):
     assert proc.returncode != 0
     assert re.search(
         r"optimizer group 0 \(no optim.groups rule\) mixes parameters with carried moments and parameters "
-        r"without \(img_in\.weight, img_in\.bias, final_layer\.linear\.weight",
+        r"without \(img_in\.weight, img_in\.bias, cond_in\.weight, cond_in\.bias, final_layer\.linear\.weight",
         proc.stderr,
     ), proc.stderr[-2000:]
 
