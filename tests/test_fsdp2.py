@@ -209,6 +209,10 @@ def test_one_step_on_two_ranks_equals_the_local_engine(sp_size, replicate, meta)
 
 @pytest.mark.dist
 @pytest.mark.numerics
+@pytest.mark.skipif(
+    os.environ.get("ATEN_CPU_CAPABILITY") == "default",
+    reason="inductor's generated C++ fails to compile under ATEN_CPU_CAPABILITY=default ('at::vec' undeclared)",
+)
 def test_compiled_and_checkpointed_blocks_under_fsdp2_step_like_the_local_engine():
     # torch.compile per block (FSDP's hooks stay outside the graphs) and activation checkpointing, both applied
     # before fully_shard; on 1 rank (compiling takes about 90 s on a CPU); one step within the same rounding bounds
