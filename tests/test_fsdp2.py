@@ -210,8 +210,9 @@ def test_one_step_on_two_ranks_equals_the_local_engine(sp_size, replicate, meta)
 @pytest.mark.dist
 @pytest.mark.numerics
 @pytest.mark.skipif(
-    os.environ.get("ATEN_CPU_CAPABILITY") == "default",
-    reason="inductor's generated C++ fails to compile under ATEN_CPU_CAPABILITY=default ('at::vec' undeclared)",
+    "ATEN_CPU_CAPABILITY" in os.environ,
+    reason="inductor under a forced ATen kernel set is broken (measured: default fails to compile, avx2 on an "
+    "AVX-512 CPU gives a NaN loss; docs/parallel.md); the native run of the suite covers compile",
 )
 def test_compiled_and_checkpointed_blocks_under_fsdp2_step_like_the_local_engine():
     # torch.compile per block (FSDP's hooks stay outside the graphs) and activation checkpointing, both applied
