@@ -36,6 +36,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from src.cli import HelpFormatter
+from src.parallel.dist import all_gather_objects
 from src.parallel.engine import latest_tag
 from src.safe_load import refuse_unsafe_files
 
@@ -70,16 +71,6 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _gather(obj: object) -> list:
-    """`obj` from every rank, in rank order (a list of one without a process group)."""
-    world = _rank_world()[1]
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _barrier() -> None:
@@ -118,7 +109,7 @@ def seal(folder: Path) -> dict:
         n: {"size": (folder / n).stat().st_size, "sha256": file_sha256(folder / n, sync=True)}
         for n in names[rank::world]
     }
-    files = {name: entry for part in _gather(mine) for name, entry in part.items()}
+    files = {name: entry for part in all_gather_objects(mine) for name, entry in part.items()}
     manifest = {"format": FORMAT, "tag": folder.name, "world_size": world, "files": dict(sorted(files.items()))}
     if rank == 0:
         _fsync_dir(folder)
@@ -171,7 +162,7 @@ def verify(folder: Path) -> list[str]:
     problems = _check_share(folder, files, names[rank::world])
     if rank == 0:
         problems += [f"{folder / n} is not listed in {MANIFEST}" for n in folder_files(folder) if n not in files]
-    return [p for part in _gather(problems) for p in part]
+    return [p for part in all_gather_objects(problems) for p in part]
 
 
 def step_folders(ckpt_dir: Path) -> list[Path]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from src.parallel.dist import all_gather_objects
+
 log = logging.getLogger("kiln.train")
 
 
@@ -34,11 +36,7 @@ def check_writable(folders: list[Path]) -> None:
     not at the first checkpoint, `ckpt_every` steps later."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = [problem for folder in folders if (problem := _write_problem(folder, rank))]
-    everyone = [mine]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-    problems = [p for part in everyone for p in part]
+    problems = [p for part in all_gather_objects(mine) for p in part]
     if problems:
         raise ValueError(
             "; ".join(problems) + ". The run writes its log, metrics and checkpoints there: make it a writable "

@@ -34,7 +34,7 @@ from src.faults import Faults
 from src.flops import peak_flops, step_flops
 from src.integrity import POLICIES, resume_tag, save_checkpoint
 from src.metrics import LossBreakdown, StepWindow, truncate_after
-from src.parallel.dist import agree, all_mean, all_sum_counts, barrier, init_distributed
+from src.parallel.dist import agree, all_gather_objects, all_mean, all_sum_counts, barrier, init_distributed
 from src.parallel.engine import ema_decay, latest_tag
 from src.parallel.sp_guard import check_sequence_batches
 from src.param_groups import ParamPlan, enter_phase
@@ -120,15 +120,6 @@ def roll_back(
         samples[:8],
     )
     return state
-
-
-def gather(items: list) -> list:
-    """Every rank's list, concatenated, on every rank (a host-side object gather)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return list(items)
-    gathered: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, items)
-    return [item for part in gathered for item in part]
 
 
 def progress_fields(row: dict) -> dict[str, str]:
@@ -329,7 +320,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             if nonfinite:
                 verdict = Verdict("rollback", f"{nonfinite} non-finite weights at step {step}, not checkpointed")
         if verdict.action == "rollback":  # back to the last checkpoint, without the samples of the bad steps
-            state = roll_back(engine, ckpt_dir, sentinel, quarantine, step, verdict.reason, blame(gather(blamed)))
+            everyone = [s for part in all_gather_objects(blamed) for s in part]  # every rank's bad steps
+            state = roll_back(engine, ckpt_dir, sentinel, quarantine, step, verdict.reason, blame(everyone))
             step, samples_seen = state["step"], state["samples_seen"]
             skipped, failed = Counter(state["skipped"]), Counter(state["failed"])
             set_rng_state(state["rng"])

@@ -161,12 +161,18 @@ def all_sum_counts(counts: dict[str, int]) -> dict[str, int]:
     return {k: int(v) for k, v in zip(counts, values.tolist(), strict=True)}
 
 
-def agree(value: object, what: str) -> None:
-    """Raise on every rank if the ranks disagree on `value` (e.g. the run directory)."""
+def all_gather_objects(value: object) -> list:
+    """`value` from every rank, in rank order (a host-side object gather); [value] without a process group."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
+        return [value]
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
+    return values
+
+
+def agree(value: object, what: str) -> None:
+    """Raise on every rank if the ranks disagree on `value` (e.g. the run directory)."""
+    values = all_gather_objects(value)
     if any(v != values[0] for v in values):
         raise ValueError(
             f"ranks disagree on the {what}: " + ", ".join(f"rank {i}: {v!r}" for i, v in enumerate(values))
