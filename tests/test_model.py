@@ -9,7 +9,7 @@ from src.config import model_config
 from src.models.attention import attention, resolve_backend
 from src.models.layers import apply_rope, rope_angles, video_position_ids
 from src.models.mmdit import MMDiT
-from src.parallel.engine import apply_activation_checkpointing
+from src.parallel.transforms import apply_activation_checkpointing
 from tests.conftest import ROOT, tiny_model_kwargs
 
 

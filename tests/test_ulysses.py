@@ -65,7 +65,7 @@ def _parity_worker(rank: int, world: int, sp: int, port: int, results) -> None:
     import torch.distributed as dist
 
     from src.parallel.dist import init_distributed, shutdown
-    from src.parallel.engine import apply_activation_checkpointing
+    from src.parallel.transforms import apply_activation_checkpointing
     from src.parallel.ulysses import SequenceParallel
 
     info = init_distributed("gloo", sp_size=sp)

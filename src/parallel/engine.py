@@ -14,9 +14,10 @@ An engine owns the (sharded) model, its optimizer and LR schedule. The loop only
     engine.reset_optimizer_state(gs) / engine.load_moments(moments, group_steps)   # freeze schedules, stages
     engine.init_ema() / engine.update_ema(decay)   # an fp32 EMA of the trainable weights, sharded like them
 
-Implementations: `DeepSpeedEngine` (ZeRO-1/2/3, the default) and `LocalEngine` (plain PyTorch, one process:
-the reference that sharded runs are tested against). An FSDP2 engine fits the same seam. A backend is
-imported only when its config is chosen.
+Implementations: `DeepSpeedEngine` (ZeRO-1/2/3, the default), `FSDP2Engine` (torch's `fully_shard`) and
+`LocalEngine` (plain PyTorch, one process: the reference that sharded runs are tested against). Each applies the
+shared model transforms first (`src.parallel.transforms.prepare_model`). A backend is imported only when its config
+is chosen.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from typing import Protocol
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.checkpoint import checkpoint
 
 PRECISIONS = ("fp32", "bf16")
 log = logging.getLogger(__name__)
@@ -135,33 +135,6 @@ def init_moments(optimizer: torch.optim.Optimizer, tensors: Iterable[torch.Tenso
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-
-
-def apply_activation_checkpointing(model: nn.Module, double: int = 0, single: int = 0) -> None:
-    """Recompute the first `double` double-stream and `single` single-stream blocks in backward.
-
-    The blocks keep their names (their `forward` is wrapped in place), so state dicts are unchanged.
-    -1 means all blocks of that kind.
-    """
-    for blocks, n in ((model.double_blocks, double), (model.single_blocks, single)):
-        count = len(blocks) if n < 0 else n
-        if count > len(blocks):
-            raise ValueError(f"asked to checkpoint {count} blocks but the model has {len(blocks)}")
-        for block in list(blocks)[:count]:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
-def compile_blocks(model: nn.Module, enabled: bool) -> None:
-    """`torch.compile` every double- and single-stream block in place (names and state dicts unchanged).
-
-    Per block rather than the whole model: one graph serves all blocks of a kind, so compiling costs two graphs
-    whatever the depth. What it fuses are the elementwise ops around the matmuls (adaLN modulation, norms, RoPE,
-    GELU, gated residuals). The local engine uses it; under ZeRO-3 DeepSpeed's parameter hooks sit on every layer
-    inside a block, so `DeepSpeedEngine` uses DeepSpeed's own `engine.compile()` instead.
-    """
-    if enabled:
-        for block in [*model.double_blocks, *model.single_blocks]:
-            block.compile()
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:

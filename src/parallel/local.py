@@ -11,15 +11,14 @@ import torch.distributed as dist
 from torch import nn
 
 from src.parallel.engine import (
-    apply_activation_checkpointing,
     check_ema,
     check_precision,
-    compile_blocks,
     init_moments,
     latest_tag,
     refuse_unreadable,
     update_ema,
 )
+from src.parallel.transforms import prepare_model
 from src.safe_load import load_tensors
 
 
@@ -45,8 +44,7 @@ class LocalEngine:
                 f"the local engine runs one process, but the world size is {dist.get_world_size()}: "
                 "use parallel=zero3 for several ranks"
             )
-        apply_activation_checkpointing(model, checkpoint_double, checkpoint_single)
-        compile_blocks(model, compile)
+        prepare_model(model, checkpoint_double, checkpoint_single, compile)  # one process: no sequence parallelism
         self.module = model.to(device)
         self.device = device
         self.precision = precision
