@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -134,10 +134,16 @@ def load_model_weights(
         weights = {k: v.float() for k, v in load_file(Path(run_or_ckpt) / "model.safetensors").items()}
         return weights, f"export:{record['tag']}{' (EMA)' if record['ema'] else ''}"
     ckpt_dir, tag = _resolve(run_or_ckpt, tag)
+    return _read_checkpoint(ckpt_dir, tag, ema), tag
+
+
+def _read_checkpoint(ckpt_dir: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:
+    """The fp32 weights (or with `ema` the EMA) of the verified checkpoint `ckpt_dir/tag`, whichever engine wrote
+    it."""
     from src.parallel import fsdp2
 
     if fsdp2.is_checkpoint(ckpt_dir / tag):  # torch.distributed.checkpoint shards, read whatever the world size
-        return fsdp2.read_weights(ckpt_dir / tag, ema), tag
+        return fsdp2.read_weights(ckpt_dir / tag, ema)
     local = ckpt_dir / tag / "local_engine.pt"
     if local.is_file():
         blob = load_tensors(local)
@@ -146,7 +152,7 @@ def load_model_weights(
             if blob.get("ema") is None:
                 raise ValueError(f"{local} holds no EMA (the run had ema: null); read it without EMA")
             weights.update(blob["ema"])
-        return weights, tag
+        return weights
     from src.parallel.deepspeed import _import_deepspeed
 
     _import_deepspeed()
@@ -157,7 +163,7 @@ def load_model_weights(
     weights = {k: v.float() for k, v in state.items()}
     if ema:
         weights.update(zero3_ema(ckpt_dir / tag))
-    return weights, tag
+    return weights
 
 
 def _zero3_layout(folder: Path, world: int) -> dict[str, tuple[int, int, int, torch.Size]]:
@@ -267,3 +273,53 @@ class Zero3Moments:
         for name in names:
             where = self._where[name]
             yield name, _gather(where, self._flats["exp_avg"]), _gather(where, self._flats["exp_avg_sq"])
+
+
+class WeightSource:
+    """A checkpoint's model weights read one tensor at a time: `shapes` (every key's full shape, known without
+    reading a tensor) and `read(key)` (the fp32 tensor). What `init_from` loads through, so that a rank holds at
+    most one source tensor at a time, and a rank that writes nothing (`src.parallel.construction`) reads nothing."""
+
+    def __init__(self, shapes: dict[str, torch.Size], read: Callable[[str], torch.Tensor], tag: str):
+        self.shapes, self._read, self.tag = shapes, read, tag
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._read(key).float()
+
+    @classmethod
+    def whole(cls, weights: dict[str, torch.Tensor], tag: str) -> WeightSource:
+        """A state dict already read whole (the formats read only whole: a ZeRO checkpoint, a diffusers folder)."""
+        return cls({k: v.shape for k, v in weights.items()}, weights.__getitem__, tag)
+
+
+def open_model_weights(run_or_ckpt: str | Path, names: list[str]) -> WeightSource:
+    """`load_model_weights(run_or_ckpt, names=names)` (fp32, no EMA), but read lazily where the format allows: a
+    released or exported safetensors checkpoint and an FSDP2 checkpoint tensor by tensor, a local engine's file
+    memory-mapped. The same checks and refusals (a Kiln checkpoint's manifest is verified: a collective)."""
+    from src.models.weights import read_safetensor, safetensors_index
+
+    path = Path(run_or_ckpt)
+    if is_released(path) and not is_diffusers_flux(path):
+        where = safetensors_index(path)
+        if where is not None:
+            shapes = {k: shape for k, (_, shape) in where.items()}
+            return WeightSource(shapes, lambda k: read_safetensor(where[k][0], k), f"weights:{path.name}")
+    elif (path / "export.json").is_file():
+        record = json.loads((path / "export.json").read_text())
+        where = safetensors_index(path / "model.safetensors")
+        shapes = {k: shape for k, (_, shape) in where.items()}
+        tag = f"export:{record['tag']}{' (EMA)' if record['ema'] else ''}"
+        return WeightSource(shapes, lambda k: read_safetensor(where[k][0], k), tag)
+    elif not is_diffusers_flux(path):
+        ckpt_dir, tag = _resolve(path, None)
+        folder = ckpt_dir / tag
+        from src.parallel import fsdp2
+
+        if fsdp2.is_checkpoint(folder):
+            shapes = fsdp2.model_shapes(folder)
+            return WeightSource(shapes, lambda k: fsdp2.read_tensors(folder, [f"model.{k}"])[f"model.{k}"], tag)
+        if (folder / "local_engine.pt").is_file():
+            module = load_tensors(folder / "local_engine.pt", mmap=True)["module"]  # mapped, not read
+            return WeightSource({k: v.shape for k, v in module.items()}, module.__getitem__, tag)
+        return WeightSource.whole(_read_checkpoint(ckpt_dir, tag, ema=False), tag)  # ZeRO: consolidated whole
+    return WeightSource.whole(*load_model_weights(path, names=names))

@@ -21,6 +21,7 @@ also get their own warmup).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from src.parallel.construction import Construction
 
 log = logging.getLogger("kiln.curriculum")
 ACTIONS = ("load", "reinit", "zero", "drop")
@@ -76,24 +79,39 @@ def plan_transition(
     return plan
 
 
+def _meta(shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+
+
 @torch.no_grad()
 def apply_transition(
-    model: nn.Module, init_from: str | Path, rules: Sequence[Mapping], report: Path | None = None
+    model: nn.Module,
+    init_from: str | Path,
+    rules: Sequence[Mapping],
+    report: Path | None = None,
+    construction: Construction | None = None,
 ) -> list[dict]:
     """Initialise `model` from the latest checkpoint of the run `init_from` by the declared `rules`.
 
+    `construction` is how the engine built `model` (`src.parallel.construction`; default: whole on this rank): the
+    source is read one tensor at a time, by the ranks that write it, into the model however it is held.
     Returns the plan: one entry per key with its action and reason (as in `plan_transition`)."""
-    from src.checkpoint import load_model_weights
+    from src.checkpoint import open_model_weights
 
-    target = model.state_dict()
+    construction = construction or Construction()
+    target = construction.shapes(model)
     # a diffusers folder (e.g. FLUX.1-dev, as Open-Sora 2.0 started) is renamed to these keys first
-    source, tag = load_model_weights(init_from, names=list(target))
-    plan = plan_transition(source, target, rules)
+    source = open_model_weights(init_from, names=list(target))
+    tag = source.tag
+    plan = plan_transition(_meta(source.shapes), _meta(target), rules)
+    values = {}
     for entry in plan:
+        key = entry["key"]
         if entry["action"] == "load":
-            target[entry["key"]].copy_(source[entry["key"]])
+            values[key] = functools.partial(source.read, key)
         elif entry["action"] == "zero":
-            target[entry["key"]].zero_()
+            values[key] = functools.partial(torch.zeros, target[key])
+    construction.write(model, values)
     counts = Counter(e["action"] for e in plan)
     if report is not None:
         record = {"init_from": str(init_from), "tag": tag, "counts": dict(counts), "keys": plan}

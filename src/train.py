@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -34,6 +33,7 @@ from src.faults import Faults
 from src.flops import peak_flops, step_flops
 from src.integrity import POLICIES, resume_tag, save_checkpoint
 from src.metrics import LossBreakdown, StepWindow, truncate_after
+from src.parallel.construction import construction_for
 from src.parallel.dist import agree, all_gather_objects, all_mean, all_sum_counts, barrier, init_distributed
 from src.parallel.engine import ema_decay, latest_tag
 from src.parallel.sp_guard import check_sequence_batches
@@ -171,18 +171,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     build_engine = instantiate(cfg.parallel)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, whatever the encoders
-    # an engine that hands every rank its slices of rank 0's weights (FSDP2) lets the others build on meta
-    on_meta = dist.rank > 0 and getattr(build_engine.func, "materialises_from_rank0", False)
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
+    # the engine's way to build the model: whole, on meta on ranks > 0 (FSDP2), partitioned as built (ZeRO-3)
+    construction = construction_for(build_engine)
+    with construction.build():
         model = instantiate(cfg.model)
     ckpt_dir = checkpoint_dir(run_dir)
     new_stage = bool(cfg.get("init_from")) and latest_tag(ckpt_dir) is None
     if new_stage:  # declared transition from the previous stage's final checkpoint
         rules = OmegaConf.to_container(cfg.transition, resolve=True)
         transition = apply_transition(
-            model, cfg.init_from, rules, run_dir / "transition.json" if dist.is_main else None
+            model, cfg.init_from, rules, run_dir / "transition.json" if dist.is_main else None, construction
         )
-    n_params = sum(p.numel() for p in model.parameters())  # before sharding hides them
+    shapes = construction.shapes(model)  # full shapes, however the model is held
+    n_params = sum(shapes[name].numel() for name, _ in model.named_parameters())
     plan = ParamPlan(
         [name for name, _ in model.named_parameters()],
         OmegaConf.to_container(cfg.optim.groups, resolve=True),

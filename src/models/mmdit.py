@@ -21,6 +21,11 @@ from src.models.layers import (
 )
 
 
+def _zero_parameters(module: nn.Module) -> None:
+    for param in module.parameters(recurse=False):
+        nn.init.zeros_(param)
+
+
 class MMDiT(nn.Module):
     """Text-to-video (and, with `cond_channels`, image-to-video) flow-matching transformer.
 
@@ -82,8 +87,7 @@ class MMDiT(nn.Module):
         """Zero the output projection (a fresh model predicts zero velocity) and the I2V condition input."""
         layers = [self.final_layer.linear] + ([self.cond_in] if self.cond_in is not None else [])
         for layer in layers:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            layer.apply(_zero_parameters)  # through Module.apply: a context that builds the model in pieces hooks it
 
     # -- patches --------------------------------------------------------------------------------------------
 

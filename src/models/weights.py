@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Container
 from pathlib import Path
 
 import torch
@@ -66,17 +67,28 @@ def read_sharded(path: str | Path) -> dict[str, torch.Tensor]:
     """A released checkpoint: one weight file, or a directory of shards. With a `*.index.json` (the Hugging Face
     layout), every shard it names must exist and every key it lists must be read, or ValueError names them."""
     path = Path(path)
-    indexes = sorted(path.glob("*.index.json")) if path.is_dir() else []
+    indexes = sorted(path.glob("*.index.json")) if path.is_dir() else []  # before reading: a missing shard names it
+    for index in indexes:
+        _check_shards(index)
     state = read_state_dict(path)
     for index in indexes:
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        absent = sorted({f for f in weight_map.values() if not (path / f).is_file()})
-        if absent:
-            raise ValueError(f"{index} names shards that are not there: {', '.join(absent)}")
-        unread = sorted(k for k in weight_map if k not in state)
-        if unread:
-            raise ValueError(f"{index} lists tensors no shard holds: {_listing('keys', unread)}")
+        _check_keys(index, state)
     return state
+
+
+def _check_shards(index: Path) -> None:
+    """Refuse a `*.index.json` naming shard files that are not beside it."""
+    weight_map = json.loads(index.read_text()).get("weight_map", {})
+    absent = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+    if absent:
+        raise ValueError(f"{index} names shards that are not there: {', '.join(absent)}")
+
+
+def _check_keys(index: Path, present: Container[str]) -> None:
+    """Refuse a `*.index.json` listing tensors that no shard holds."""
+    unread = sorted(k for k in json.loads(index.read_text()).get("weight_map", {}) if k not in present)
+    if unread:
+        raise ValueError(f"{index} lists tensors no shard holds: {_listing('keys', unread)}")
 
 
 def checkpoint_keys(path: str | Path) -> list[str]:
@@ -174,3 +186,36 @@ def strict_load(
         for name in names:
             present.setdefault(name, present[source])
     module.load_state_dict(present, strict=True, assign=any(p.is_meta for p in module.parameters()))
+
+
+def safetensors_index(path: str | Path) -> dict[str, tuple[Path, torch.Size]] | None:
+    """Where each tensor of a released checkpoint lies (file, shape), read from the safetensors headers alone; None
+    when some weight file is not safetensors. The same refusals as `read_sharded` for a `*.index.json` that names
+    absent shards or tensors no shard holds."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    indexes = sorted(path.glob("*.index.json")) if path.is_dir() else []
+    for index in indexes:
+        _check_shards(index)
+    files = weight_files(path)
+    if any(f.suffix != ".safetensors" for f in files):
+        return None
+    where: dict[str, tuple[Path, torch.Size]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                where |= {k: (file, torch.Size(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+        except Exception as err:
+            raise ValueError(f"checkpoint file {str(file)!r} cannot be read: {err}") from err
+    for index in indexes:
+        _check_keys(index, where)
+    return where
+
+
+def read_safetensor(file: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, the file mapped only while it is read."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(key)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from src.parallel.construction import Construction
 from src.parallel.engine import (
     check_ema,
     check_precision,
@@ -62,6 +64,65 @@ def ds_config(
     }
 
 
+def _zero_init(config: dict) -> contextlib.AbstractContextManager:
+    """`deepspeed.zero.Init` building each module exactly as on the host, then partitioning it.
+
+    DeepSpeed's own Init makes every tensor on the accelerator in the training dtype before the module's
+    initialisers run, so they would draw other random numbers (the device's generator, in bf16) than the local
+    engine's host build. Here the constructors are left alone (`tensor_overrides=[]`): each module draws its fp32
+    weights from the host generator in construction order, as a plain build does, and its parameters are cast to
+    the training dtype (as `deepspeed.initialize` casts a model built outside Init), moved to the device, broadcast
+    from rank 0 and partitioned when its `__init__` returns. `memory_efficient_linear` is off: DeepSpeed would
+    otherwise replace `torch.nn.functional.linear` for the whole process."""
+    deepspeed = _import_deepspeed()
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    class HostSeededInit(deepspeed.zero.Init):
+        def _post_init_method(self, module: nn.Module) -> None:
+            for param in module.parameters(recurse=False):
+                if not is_zero_param(param):
+                    param.data = param.data.to(self.dtype)
+            super()._post_init_method(module)
+
+    zero = {**config["zero_optimization"], "memory_efficient_linear": False}
+    return HostSeededInit(config_dict_or_path={**config, "zero_optimization": zero}, tensor_overrides=[])
+
+
+class Zero3Construction(Construction):
+    """ZeRO-3: the model is built under `_zero_init`, so a rank holds its partition plus one module's full
+    parameters at most; `write` gathers one parameter at a time, rank 0 copies the tensor it alone reads, and
+    DeepSpeed broadcasts and re-partitions it (`GatheredParameters(modifier_rank=0)`)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def build(self) -> contextlib.AbstractContextManager:
+        return _zero_init(self.config)
+
+    def shapes(self, model: nn.Module) -> dict[str, torch.Size]:
+        return {name: getattr(tensor, "ds_shape", tensor.shape) for name, tensor in _entries(model).items()}
+
+    def write(self, model: nn.Module, values: Mapping[str, Callable[[], torch.Tensor]]) -> None:
+        deepspeed = _import_deepspeed()
+        rank = torch.distributed.get_rank()
+        entries = _entries(model)
+        for name, read in values.items():
+            tensor = entries[name]
+            if isinstance(tensor, nn.Parameter):
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+                    if rank == 0:
+                        tensor.data.copy_(read())  # (*ds_shape), in the partition's dtype
+            else:  # a buffer: every rank holds it whole
+                if rank == 0:
+                    tensor.copy_(read())
+                torch.distributed.broadcast(tensor, src=0)
+
+
+def _entries(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters (ZeRO-3's, with their partition attributes) and buffers of `model`, by state-dict name."""
+    return dict(model.named_parameters()) | dict(model.named_buffers())
+
+
 def check_zero_world(folder: Path, world: int) -> None:
     """Refuse a ZeRO checkpoint written by another number of ranks: DeepSpeed cannot re-partition its shards. The
     message names the command that converts it to FSDP2, which resumes on any number of ranks."""
@@ -94,6 +155,22 @@ class DeepSpeedEngine:
         zero_options: more `zero_optimization` keys for DeepSpeed (bucket sizes, persistence threshold, ...).
         reduce_dtype: "fp32" (default) or "bf16": the dtype gradients are reduced in (`ds_config`).
     """
+
+    @classmethod
+    def construction(
+        cls,
+        zero_stage: int = 3,
+        precision: str = "bf16",
+        grad_clip: float = 1.0,
+        zero_options: dict | None = None,
+        reduce_dtype: str = "fp32",
+        **_,
+    ) -> Construction:
+        """How `src.train` builds the model for this engine (`src.parallel.construction`): partitioned module by
+        module under ZeRO-3; whole on every rank under ZeRO-1/2, which keep every parameter on every rank."""
+        if zero_stage != 3:
+            return Construction()
+        return Zero3Construction(ds_config(zero_stage, precision, grad_clip, zero_options, reduce_dtype))
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ average over N = dp x S ranks is the data-parallel mean (docs/parallel.md).
 Model transforms come first, in torchtitan's order: activation checkpointing -> per-block compile -> the Ulysses
 hooks -> `fully_shard`. Same seed, same weights as the local engine (bitwise), on any number of ranks: rank 0
 builds the model on the host with the run's seed; `src.train` builds it on the meta device on the other ranks
-(`materialises_from_rank0`), which receive their slices of rank 0's weights one tensor at a time after sharding,
+(`FSDP2Engine.construction`), which receive their slices of rank 0's weights one tensor at a time after sharding,
 and rank 0's RNG state. Host peak: one fp32 model on rank 0, one tensor plus the slices elsewhere. A model built
 in full on every rank (tests, tools) is sharded block by block, each block's host copy freed once it is sharded.
 The device never holds more than one block in full (measured in docs/parallel.md).
@@ -38,6 +38,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from src.parallel.construction import RankZeroConstruction
 from src.parallel.engine import (
     check_ema,
     check_precision,
@@ -89,7 +90,7 @@ def clip_sharded_grads(params: list[nn.Parameter], max_norm: float) -> torch.Ten
 
 
 def _built_on_meta(model: nn.Module) -> bool:
-    """Whether some rank built the model on the meta device (`materialises_from_rank0`); rank 0 must not have."""
+    """Whether some rank built the model on the meta device (`RankZeroConstruction`); rank 0 must not have."""
     meta = float(any(p.is_meta for p in model.parameters()))
     flags = torch.tensor([meta, meta if dist.get_rank() == 0 else 0.0])  # (any rank, rank 0)
     dist.all_reduce(flags)  # a host tensor: gloo carries it on every backend setting
@@ -136,7 +137,10 @@ class FSDP2Engine:
             True for blocks, False for the root); False keeps them until backward (more memory, fewer all-gathers).
     """
 
-    materialises_from_rank0 = True  # train.py may build the model on the meta device on ranks > 0
+    @classmethod
+    def construction(cls, **_) -> RankZeroConstruction:
+        """`src.train` builds the model on the meta device on ranks > 0 (`src.parallel.construction`)."""
+        return RankZeroConstruction()
 
     def __init__(
         self,
@@ -353,6 +357,12 @@ def read_tensors(folder: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(out, storage_reader=reader, no_dist=True)
     return out
+
+
+def model_shapes(folder: Path) -> dict[str, torch.Size]:
+    """The full shape of every model weight of an FSDP2 checkpoint folder, from its metadata alone."""
+    meta = FileSystemReader(folder).read_metadata().state_dict_metadata
+    return {k.removeprefix("model."): meta[k].size for k in _prefixed(meta, "model.")}
 
 
 def read_weights(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
