@@ -111,7 +111,9 @@ def run(engine: str, ranks: int, model_kwargs: dict, init_from: str | None) -> d
             *(["--init-from", init_from] if init_from else []),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-        subprocess.run(cmd, check=True, capture_output=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"{engine} on {ranks} ranks failed:\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
 
 
@@ -155,11 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     from src.config import model_config
 
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else model_config(args.model, args.vae)
-    results = [run(e, n, kwargs, args.init_from) for e in args.engine for n in args.ranks]
+    results = []
+    for engine in args.engine:
+        for n in args.ranks:
+            results.append(run(engine, n, kwargs, args.init_from))
+            print(table(results[-1:]).splitlines()[-1], flush=True)  # each row as it is measured
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
     print(f"model: {args.model}, {results[0]['parameters'] / 1e6:.1f}M parameters; init_from: {args.init_from}")
     print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
