@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -13,36 +12,28 @@ import sys
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
+from omegaconf import DictConfig
 
-from src.checkpoint import checkpoint_dir, rng_state, set_rng_state, step_tag
-from src.curriculum import apply_transition, carry_moments
+from src.checkpoint import rng_state, set_rng_state, step_tag
 from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
 from src.data.source import batch_features, training_condition
-from src.diffusion.condition import check_condition_input
-from src.evaluation import Evaluator, LearningAlarm, validation_set, write_stage_report
-from src.faults import Faults
-from src.flops import peak_flops, step_flops
-from src.integrity import POLICIES, resume_tag, save_checkpoint
-from src.metrics import LossBreakdown, StepWindow, truncate_after
-from src.parallel.construction import construction_for
-from src.parallel.dist import agree, all_gather_objects, all_mean, all_sum_counts, barrier, init_distributed
+from src.evaluation import LearningAlarm, write_stage_report
+from src.flops import step_flops
+from src.integrity import POLICIES, save_checkpoint
+from src.metrics import truncate_after
+from src.parallel.dist import all_gather_objects, all_mean, all_sum_counts, barrier
 from src.parallel.engine import ema_decay, latest_tag
 from src.parallel.sp_guard import check_sequence_batches
-from src.param_groups import ParamPlan, enter_phase
-from src.preemption import StopRequest, clear_stale_stop
-from src.profiler import StepProfiler
-from src.resume import GlobalBatches, check_writable
+from src.param_groups import enter_phase
+from src.run.setup import Position, Run, setup
 from src.sentinel import DIVERGED_EXIT, Diverged, Quarantine, Sentinel, Verdict, append_jsonl, blame, standouts
-from src.watchdog import Watchdog
 
 log = logging.getLogger("kiln.train")
 ALARM_EXIT = 3  # exit status of a run stopped by a learning alarm
@@ -51,40 +42,16 @@ FAILURES = tuple(dict.fromkeys(DECODE_FAILURES + READ_FAILURES))  # per-rank cou
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
 
-def check_compatible(model: torch.nn.Module, latent_channels: int, txt_dim: int, vec_dim: int) -> None:
-    """Refuse a model whose input layers do not fit the features (from the encoders or from the cache)."""
-    problems = []
-    if model.in_channels != latent_channels:
-        problems.append(f"model.in_channels={model.in_channels} but the VAE gives {latent_channels} channels")
-    if model.txt_in.in_features != txt_dim:
-        problems.append(f"model.txt_dim={model.txt_in.in_features} but the text features have {txt_dim}")
-    if model.vector_in.in_layer.in_features != vec_dim:
-        problems.append(f"model.vec_dim={model.vector_in.in_layer.in_features} but the pooled text has {vec_dim}")
-    if problems:
-        raise ValueError("model does not match its features: " + "; ".join(problems))
-
-
-def check_patches(latent_shapes: dict[str, tuple[int, ...]], model: torch.nn.Module) -> None:
-    """Every bucket's latent must split into whole patches."""
-    for name, shape in latent_shapes.items():
-        try:
-            model.token_grid(shape)
-        except ValueError as err:
-            raise ValueError(f"bucket {name} does not fit the model: {err}") from err
-
-
-def loop_state(
-    step: int, samples_seen: int, batch: dict, skipped: Counter, failed: Counter, sentinel: Sentinel
-) -> dict:
-    """What a checkpoint of `step` records beside the weights: position, RNG, data plan, skip counters, and the
-    sentinel's history (its skipped steps, rollbacks and running losses)."""
+def loop_state(pos: Position, batch: dict, sentinel: Sentinel) -> dict:
+    """What a checkpoint of `pos.step` records beside the weights: position, RNG, data plan, skip counters, and
+    the sentinel's history (its skipped steps, rollbacks and running losses)."""
     return {
-        "step": step,
-        "samples_seen": samples_seen,
+        "step": pos.step,
+        "samples_seen": pos.samples_seen,
         "rng": rng_state(),
         "data": batch["state"],
-        "skipped": dict(skipped),
-        "failed": dict(failed),
+        "skipped": dict(pos.skipped),
+        "failed": dict(pos.failed),
         "sentinel": sentinel.state_dict(),
     }
 
@@ -156,236 +123,168 @@ def check_knobs(cfg: DictConfig) -> None:
         raise ValueError(f"ckpt_keep must be >= 1 (the newest N checkpoints), or null to keep all, got {cfg.ckpt_keep}")
 
 
+@dataclass
+class StepOutcome:
+    """One optimizer step as the loop sees it."""
+
+    loss: torch.Tensor  # this rank's mean loss over its valid samples
+    per_sample: torch.Tensor  # (B,) each sample's loss
+    t: torch.Tensor  # (B,) each sample's timestep
+    valid: torch.Tensor  # (B,) False where a clip failed to decode or is quarantined
+    grad_norm: torch.Tensor | float  # non-finite: the engine applied nothing
+    verdict: Verdict  # the sentinel's, the same on every rank
+    video_tokens: int  # per sample
+    text_tokens: int
+
+
+def train_step(run: Run, batch: dict, step: int, guard_sp: bool) -> StepOutcome:
+    """Forward, backward and optimizer step of `batch` (one bucket), and the sentinel's verdict on it."""
+    engine, cfg = run.engine, run.cfg
+    valid = (batch["valid"] & ~run.quarantine.mask(batch["key"])).to(run.dist.device, non_blocking=True)  # (B,)
+    x0, txt, vec = batch_features(batch, run.text, run.vae, run.dist.device)  # (B, C, T', H', W'), (B, L, D), (B, Dv)
+    x0 = run.faults.corrupt(x0, batch["key"])
+    x0, txt, vec = (zero_where_invalid(x, valid) for x in (x0, txt, vec))
+    run.faults.arm(step + 1)
+    cond = training_condition(run.flow, batch, x0, run.vae, cfg.seed)  # (B, 1 + C, T', H', W') for I2V, or None
+    losses = run.flow.training_losses(
+        engine, x0, txt, vec, batch["index"], cfg.seed, run.null_txt[0], run.null_vec[0], cond
+    )
+    if guard_sp:
+        check_sequence_batches(batch, losses["t"], cfg.seed, run.dist, step)  # no-op without sequence parallelism
+    loss = torch.where(valid, losses["loss"], 0.0).sum() / valid.sum().clamp(min=1)
+    engine.backward(loss)
+    grad_norm = engine.step()
+    # the same verdict on every rank: from the loss over all ranks' valid samples and the global gradient norm
+    loss_sum, n_valid = all_mean(torch.stack([loss * valid.sum(), valid.sum().float()])).tolist()
+    verdict = run.sentinel.observe(loss_sum / n_valid if n_valid else None, float(grad_norm))
+    video_tokens = math.prod(run.model.token_grid(x0.shape))
+    return StepOutcome(loss, losses["loss"], losses["t"], valid, grad_norm, verdict, video_tokens, txt.shape[1])
+
+
+def blame_step(run: Run, batch: dict, out: StepOutcome, step: int) -> tuple[list[str], list[str]]:
+    """A bad step's samples: those whose own loss stands out (or all of them), recorded in RUN_DIR/skipped."""
+    standout = standouts(batch["key"], torch.where(out.valid, out.per_sample, 0.0), run.sentinel.spike_level())
+    bad = standout or list(batch["key"])
+    append_jsonl(
+        run.run_dir / "skipped" / f"nonfinite_rank{run.dist.rank}.jsonl",
+        [{"key": k, "step": step, "action": out.verdict.action, "reason": out.verdict.reason} for k in bad],
+    )
+    log.warning("step %d %s: %s (samples %s)", step, out.verdict.action, out.verdict.reason, bad[:8])
+    return standout, list(batch["key"])
+
+
+def rewind(run: Run, step: int, reason: str, blamed: list) -> Position:
+    """Back to the last checkpoint without the samples of the bad steps (every rank's); the position there."""
+    everyone = [s for part in all_gather_objects(blamed) for s in part]
+    state = roll_back(run.engine, run.ckpt_dir, run.sentinel, run.quarantine, step, reason, blame(everyone))
+    set_rng_state(state["rng"])
+    run.loader = run.open_loader(state=state["data"])
+    run.window.reset()
+    run.breakdown.reset()
+    run.progress.n = state["step"]
+    if run.dist.is_main:
+        truncate_after(run.run_dir, state["step"])
+    return Position(state["step"], state["samples_seen"], Counter(state["skipped"]), Counter(state["failed"]))
+
+
+def account(run: Run, pos: Position, batch: dict, out: StepOutcome, data_wait: float) -> None:
+    """Count a finished step: samples, skips, failures, throughput, the loss breakdown, the progress bar."""
+    global_samples = len(batch["index"]) * run.dist.dp_world
+    pos.samples_seen += global_samples
+    pos.skipped.update(batch["plan_skipped"])
+    if run.dist.sp_rank == 0:  # the group's ranks decode the same clips: count their failures once
+        pos.failed.update(batch["failed"])
+    flops = step_flops(run.model, out.video_tokens, out.text_tokens, global_samples)
+    good = out.verdict.action == "ok"  # a skipped step's time counts, its loss does not
+    tokens = global_samples * (out.video_tokens + out.text_tokens)
+    run.window.add(out.loss if good else None, data_wait, global_samples, tokens, flops)
+    if good:
+        run.breakdown.add(out.per_sample, out.t, out.valid, batch["bucket"])
+    run.progress.update(1)
+
+
+def log_row(run: Run, pos: Position, batch: dict, out: StepOutcome) -> None:
+    """One training row of metrics.jsonl (and wandb): the window's means, the breakdown, the skip counters."""
+    row = run.window.row(pos.step, run.engine.lr(), out.grad_norm, pos.samples_seen)
+    row["bucket"] = batch["bucket"]
+    row |= run.breakdown.fields()  # loss_by_t, loss_by_bucket
+    row["skipped"] = {**pos.skipped, **all_sum_counts({r: pos.failed[r] for r in FAILURES})}
+    row["skipped_steps"], row["rollbacks"] = run.sentinel.skipped, len(run.sentinel.rollbacks)
+    run.logger.log(row)
+    run.progress.set_postfix(progress_fields(row), refresh=False)
+
+
+def checkpoint(run: Run, pos: Position, batch: dict) -> None:
+    """Write, seal and point `latest` at this step's checkpoint (weights, moments, EMA and the loop state)."""
+    state = loop_state(pos, batch, run.sentinel) | run.global_batches.state()
+    save_checkpoint(run.engine, run.ckpt_dir, step_tag(pos.step), state, run.cfg.ckpt_keep)
+
+
+def evaluate(run: Run, pos: Position, batch: dict, checkpointed: bool) -> None:
+    """The evaluation due at this step (validation loss, probes, fixed prompts, health), logged; an alarm with
+    `eval.alarms=stop` checkpoints the step, writes the stage report and raises `LearningAlarm`."""
+    evaluation = run.evaluator(run.engine, pos.step)
+    if evaluation is None:
+        return
+    run.logger.log(evaluation)
+    run.logger.log_videos(pos.step, [Path(p) for p in evaluation.get("eval_videos", [])])
+    if run.evaluator.stop_requested(evaluation):
+        if not checkpointed:
+            checkpoint(run, pos, batch)
+        write_stage_report(run.run_dir, run.dist.is_main, run.evaluator, pos.step)
+        raise LearningAlarm(f"step {pos.step}: " + "; ".join(evaluation["alarms"] or ["an alarm on another rank"]))
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> None:
     """Train `cfg.steps` optimizer steps, resuming from RUN_DIR/checkpoints when it holds a checkpoint."""
     check_knobs(cfg)
-    dist = init_distributed(cfg.dist_backend, sp_size=cfg.parallel.get("sp_size", 1), timeout_s=cfg.dist_timeout_s)
-    run_dir = Path(run_dir).resolve()
-    if dist.is_main:
-        clear_stale_stop(run_dir)
-    agree(str(run_dir), "run directory")
-    check_writable([run_dir, checkpoint_dir(run_dir)])  # now, not at the first checkpoint
-    device = dist.device
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    build_engine = instantiate(cfg.parallel)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, whatever the encoders
-    # the engine's way to build the model: whole, on meta on ranks > 0 (FSDP2), partitioned as built (ZeRO-3)
-    construction = construction_for(build_engine)
-    with construction.build():
-        model = instantiate(cfg.model)
-    ckpt_dir = checkpoint_dir(run_dir)
-    new_stage = bool(cfg.get("init_from")) and latest_tag(ckpt_dir) is None
-    if new_stage:  # declared transition from the previous stage's final checkpoint
-        rules = OmegaConf.to_container(cfg.transition, resolve=True)
-        transition = apply_transition(
-            model, cfg.init_from, rules, run_dir / "transition.json" if dist.is_main else None, construction
-        )
-    shapes = construction.shapes(model)  # full shapes, however the model is held
-    n_params = sum(shapes[name].numel() for name, _ in model.named_parameters())
-    plan = ParamPlan(
-        [name for name, _ in model.named_parameters()],
-        OmegaConf.to_container(cfg.optim.groups, resolve=True),
-        OmegaConf.to_container(cfg.optim.schedule, resolve=True),
-    )
-    flow = instantiate(cfg.diffusion)
-    engine = build_engine(
-        model=model,
-        optimizer=instantiate(cfg.optim.optimizer),
-        scheduler=functools.partial(instantiate(cfg.optim.scheduler), group_factors=plan.lr_factor),
-        device=device,
-        param_groups=plan.optimizer_groups(model),
-    )
-    default_weight_decay = engine.param_groups[0]["weight_decay"]  # the optimizer's own, before any resume
-    if new_stage and cfg.transition_optimizer == "carry":
-        carry_moments(engine, plan, cfg.init_from, transition)
-    if cfg.ema is not None:
-        engine.init_ema()  # from the starting weights; a resumed run loads its own below
-
-    resume_tag(ckpt_dir, cfg.resume)  # `latest` checked against its manifest (or the newest intact one), or refused
-    state = engine.load(ckpt_dir) or {"step": 0, "samples_seen": 0, "data": None, "skipped": {}, "failed": {}}
-    step, samples_seen = state["step"], state["samples_seen"]
-    global_batches = GlobalBatches(state.get("global_batches"), cfg.resume_batch_change)  # refused if changed
-    if step:
-        set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d (%d samples seen)", ckpt_dir, step, samples_seen)
-
-    # every rank of a sequence-parallel group reads the same batch; one of them records the skipped samples
-    open_loader = functools.partial(
-        instantiate(cfg.data),
-        dp_rank=dist.dp_rank,
-        dp_world=dist.dp_world,
-        seed=cfg.seed,
-        skip_dir=run_dir / "skipped" if dist.sp_rank == 0 else None,
-        holdout=cfg.eval.val,
-        val_urls=cfg.eval.val_urls,
-    )
-    loader = open_loader(state=state["data"])
-    data = loader.dataset
-    text = vae = None
-    if not data.encoded or cfg.eval.prompts or cfg.eval.images:  # from features: built only for fixed prompts
-        text, vae = instantiate(cfg.text).to(device), instantiate(cfg.vae).to(device)
-    spec = data.feature_spec(text, vae)  # the empty prompt's features, latent shapes per bucket, text widths
-    null_txt, null_vec, latent_shapes = spec.null_txt.to(device), spec.null_vec.to(device), spec.latent_shapes
-    check_compatible(model, next(iter(latent_shapes.values()))[0], spec.txt_dim, spec.vec_dim)
-    check_patches(latent_shapes, model)
-    check_condition_input(model, flow.cond, next(iter(latent_shapes.values()))[0])  # I2V: 1 + C
-    evaluator = Evaluator(
-        cfg.eval,
-        validation_set(data.validation(), text, vae, device),
-        (null_txt, null_vec),
-        text,
-        vae,
-        next(iter(latent_shapes.values())),  # fixed prompts: the first configured bucket's latent
-        run_dir,
-        dist.is_main,
-        cfg.steps,
-        flow.sigma_min,
-        model=model,  # eval.images need its cond_in
-    )
-    skipped = Counter(state["skipped"]) if step else Counter(s.reason for s in data.scan_skips)
-    failed = Counter(state["failed"])  # this rank's decode failures
-    sentinel = Sentinel(**cfg.sentinel)  # non-finite steps are skipped, divergence is rolled back (src/sentinel.py)
-    if "sentinel" in state:
-        sentinel.load_state_dict(state["sentinel"])
-    quarantine = Quarantine(run_dir, dist.is_main)  # samples of rolled-back steps: never trained on again
-    faults = Faults(**cfg.faults)  # deliberate failures for drills (src/faults.py); none by default
-    faults.install(model)
-    blamed: list[tuple[list, list]] = []  # this rank's (standout, all) samples of each bad step since a good one
-    logger = instantiate(cfg.logger)(
-        run_dir=run_dir, enabled=dist.is_main, config=OmegaConf.to_container(cfg, resolve=True)
-    )
-    if dist.is_main:
-        truncate_after(run_dir, step)
-        log.info(
-            "model: %.2fM parameters on %d ranks (%d data-parallel x %d sequence-parallel)",
-            n_params / 1e6,
-            dist.world_size,
-            dist.dp_world,
-            dist.sp_size,
-        )
-
-    stop = StopRequest(run_dir)
-    watchdog = Watchdog(run_dir, dist.rank, dist.world_size, cfg.watchdog_s, step)  # a stuck rank ends the job
-    progress = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
-    window = StepWindow(
-        device, dist.world_size, peak_flops(device, cfg.parallel.get("precision", "fp32"), cfg.peak_tflops)
-    )
-    breakdown = LossBreakdown(device, cfg.eval.val_bins)  # training loss by timestep bin and bucket, per row
-    profiler = StepProfiler(run_dir, dist.rank, device, **cfg.profile)  # where the time goes, if asked
-    batches = iter(loader)
-    phase, first_step = None, step
-    while step < cfg.steps:
-        watchdog.beat(step)
-        profiler.at(step)
-        if plan.phase(step) != phase:  # freeze schedule: at start, and where a phase begins
-            phase = enter_phase(plan, engine, step, default_weight_decay, run_dir if dist.is_main else None)
+    run = setup(cfg, Path(run_dir))  # process group, model, engine, resume, data, encoders, evaluator, guards
+    pos, engine = run.position, run.engine
+    batches, blamed, phase, first_step = iter(run.loader), [], None, pos.step  # blamed: bad steps' samples
+    while pos.step < cfg.steps:
+        run.watchdog.beat(pos.step)
+        run.profiler.at(pos.step)
+        if run.plan.phase(pos.step) != phase:  # freeze schedule: at start, and where a phase begins
+            phase = enter_phase(run.plan, engine, pos.step, run.default_weight_decay, run.main_dir)
         t0 = time.perf_counter()
         batch = next(batches)  # one bucket: every clip of the batch has the same shape
-        global_batches.check(batch["bucket"], len(batch["index"]) * dist.dp_world, step + 1)
+        run.global_batches.check(batch["bucket"], len(batch["index"]) * run.dist.dp_world, pos.step + 1)
         data_wait = time.perf_counter() - t0
-
-        # (B,) False where a clip failed to decode or is quarantined
-        valid = (batch["valid"] & ~quarantine.mask(batch["key"])).to(device, non_blocking=True)
-        x0, txt, vec = batch_features(batch, text, vae, device)  # (B, C, T', H', W'), (B, L, D), (B, Dv)
-        x0 = faults.corrupt(x0, batch["key"])
-        x0, txt, vec = (zero_where_invalid(x, valid) for x in (x0, txt, vec))
-        faults.arm(step + 1)
-        cond = training_condition(flow, batch, x0, vae, cfg.seed)  # (B, 1 + C, T', H', W') I2V condition, or None
-        losses = flow.training_losses(engine, x0, txt, vec, batch["index"], cfg.seed, null_txt[0], null_vec[0], cond)
-        if step == first_step or step % cfg.sp_guard_every == 0:
-            check_sequence_batches(batch, losses["t"], cfg.seed, dist, step)  # no-op without sequence parallelism
-        loss = torch.where(valid, losses["loss"], 0.0).sum() / valid.sum().clamp(min=1)
-        engine.backward(loss)
-        grad_norm = engine.step()  # a non-finite norm: the engine applied nothing
-        step += 1
-        # the same verdict on every rank: from the loss over all ranks' valid samples and the global gradient norm
-        loss_sum, n_valid = all_mean(torch.stack([loss * valid.sum(), valid.sum().float()])).tolist()
-        verdict = sentinel.observe(loss_sum / n_valid if n_valid else None, float(grad_norm))
-        if verdict.action != "ok":  # the samples whose own loss stands out (or, on every rank, all of them)
-            out = standouts(batch["key"], torch.where(valid, losses["loss"], 0.0), sentinel.spike_level())
-            blamed.append((out, list(batch["key"])))
-            bad = out or list(batch["key"])
-            append_jsonl(
-                run_dir / "skipped" / f"nonfinite_rank{dist.rank}.jsonl",
-                [{"key": k, "step": step, "action": verdict.action, "reason": verdict.reason} for k in bad],
-            )
-            log.warning("step %d %s: %s (samples %s)", step, verdict.action, verdict.reason, bad[:8])
-        stopping = stop.requested()  # SIGUSR1/SIGTERM or RUN_DIR/STOP: checkpoint now, exit, resume later
-        due = cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps)
+        out = train_step(run, batch, pos.step, guard_sp=pos.step == first_step or pos.step % cfg.sp_guard_every == 0)
+        pos.step += 1
+        if out.verdict.action != "ok":
+            blamed.append(blame_step(run, batch, out, pos.step))
+        stopping = run.stop.requested()  # SIGUSR1/SIGTERM or RUN_DIR/STOP: checkpoint now, exit, resume later
+        due = cfg.ckpt_every and (pos.step % cfg.ckpt_every == 0 or pos.step == cfg.steps)
         # a checkpoint is written after a good step (a rollback's target), at the end and when asked to stop
-        checkpointing = stopping or (due and (verdict.action == "ok" or step == cfg.steps))
-        if checkpointing and verdict.action != "rollback":  # never write non-finite weights
+        checkpointing = stopping or (due and (out.verdict.action == "ok" or pos.step == cfg.steps))
+        if checkpointing and out.verdict.action != "rollback":  # never write non-finite weights
             nonfinite = all_sum_counts({"weights": engine.count_nonfinite()})["weights"]
             if nonfinite:
-                verdict = Verdict("rollback", f"{nonfinite} non-finite weights at step {step}, not checkpointed")
-        if verdict.action == "rollback":  # back to the last checkpoint, without the samples of the bad steps
-            everyone = [s for part in all_gather_objects(blamed) for s in part]  # every rank's bad steps
-            state = roll_back(engine, ckpt_dir, sentinel, quarantine, step, verdict.reason, blame(everyone))
-            step, samples_seen = state["step"], state["samples_seen"]
-            skipped, failed = Counter(state["skipped"]), Counter(state["failed"])
-            set_rng_state(state["rng"])
-            batches, blamed, phase = iter(open_loader(state=state["data"])), [], None
-            window.reset()
-            breakdown.reset()
-            progress.n = step
-            if dist.is_main:
-                truncate_after(run_dir, step)
+                out.verdict = Verdict(
+                    "rollback", f"{nonfinite} non-finite weights at step {pos.step}, not checkpointed"
+                )
+        if out.verdict.action == "rollback":
+            pos = rewind(run, pos.step, out.verdict.reason, blamed)
+            batches, blamed, phase = iter(run.loader), [], None
             continue
-        if verdict.action == "ok":
+        if out.verdict.action == "ok":
             blamed = []
             if cfg.ema is not None:
-                engine.update_ema(ema_decay(step, cfg.ema.decay, cfg.ema.warmup))
-        global_samples = len(batch["index"]) * dist.dp_world
-        samples_seen += global_samples
-        skipped.update(batch["plan_skipped"])
-        if dist.sp_rank == 0:  # the group's ranks decode the same clips: count their failures once
-            failed.update(batch["failed"])
-        video_tokens, text_tokens = math.prod(model.token_grid(x0.shape)), txt.shape[1]
-        flops = step_flops(model, video_tokens, text_tokens, global_samples)
-        good = verdict.action == "ok"  # a skipped step's time counts, its loss does not
-        tokens = global_samples * (video_tokens + text_tokens)
-        window.add(loss if good else None, data_wait, global_samples, tokens, flops)
-        if good:
-            breakdown.add(losses["loss"], losses["t"], valid, batch["bucket"])
-        progress.update(1)
-
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            row = window.row(step, engine.lr(), grad_norm, samples_seen)
-            row["bucket"] = batch["bucket"]
-            row |= breakdown.fields()  # loss_by_t, loss_by_bucket
-            row["skipped"] = {**skipped, **all_sum_counts({r: failed[r] for r in FAILURES})}
-            row["skipped_steps"], row["rollbacks"] = sentinel.skipped, len(sentinel.rollbacks)
-            logger.log(row)
-            progress.set_postfix(progress_fields(row), refresh=False)
+                engine.update_ema(ema_decay(pos.step, cfg.ema.decay, cfg.ema.warmup))
+        account(run, pos, batch, out, data_wait)
+        if pos.step % cfg.log_every == 0 or pos.step == cfg.steps:
+            log_row(run, pos, batch, out)
         if checkpointing:
-            state = loop_state(step, samples_seen, batch, skipped, failed, sentinel) | global_batches.state()
-            save_checkpoint(engine, ckpt_dir, step_tag(step), state, cfg.ckpt_keep)  # sealed, then `latest` moves
-        evaluation = evaluator(engine, step)  # when due: validation loss, probes, fixed prompts, health
-        if evaluation is not None:
-            logger.log(evaluation)
-            logger.log_videos(step, [Path(p) for p in evaluation.get("eval_videos", [])])
-            if evaluator.stop_requested(evaluation):
-                if not checkpointing:
-                    state = loop_state(step, samples_seen, batch, skipped, failed, sentinel) | global_batches.state()
-                    save_checkpoint(engine, ckpt_dir, step_tag(step), state, cfg.ckpt_keep)
-                write_stage_report(run_dir, dist.is_main, evaluator, step)
-                raise LearningAlarm(f"step {step}: " + "; ".join(evaluation["alarms"] or ["an alarm on another rank"]))
-        if stopping and step < cfg.steps:
-            log.info(
-                "stop requested (%s): checkpointed step %d of %d; the same command resumes",
-                stop.reason(),
-                step,
-                cfg.steps,
-            )
+            checkpoint(run, pos, batch)
+        evaluate(run, pos, batch, checkpointed=checkpointing)
+        if stopping and pos.step < cfg.steps:
+            log.info("stop requested (%s): checkpointed step %d of %d; the same command resumes",
+                     run.stop.reason(), pos.step, cfg.steps)  # fmt: skip
             break
-    profiler.at(step, final=True)
-    write_stage_report(run_dir, dist.is_main, evaluator, step)
-    watchdog.close()
-    stop.close(dist.is_main)
-    progress.close()
-    logger.close()
+    run.profiler.at(pos.step, final=True)
+    write_stage_report(run.run_dir, run.dist.is_main, run.evaluator, pos.step)
+    run.close()
     barrier()
 
 

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from src.data.source import bucket_latent_shapes
-from src.train import check_compatible, check_patches
+from src.run.setup import check_compatible, check_patches
 from tests.conftest import ROOT
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
