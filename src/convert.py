@@ -1,4 +1,5 @@
-"""Move a run to another engine: `python -m src.convert RUN_DIR OUT_RUN_DIR --to fsdp2|local [--tag step_N]`.
+"""Move a run to another engine or world size: `python -m src.convert RUN_DIR OUT_RUN_DIR --to fsdp2|local|zero3`
+`[--world N] [--tag step_N]`.
 
 Reads one checkpoint of RUN_DIR, whichever engine wrote it (ZeRO-3's per-rank shards, an FSDP2 / DCP folder, the
 local engine's file; `latest` by default), checks it against its manifest, and writes the same training state for
@@ -14,7 +15,9 @@ the target engine into OUT_RUN_DIR/checkpoints/<tag>/, sealed with a manifest li
 kept) and the run files a resumed run reads or appends to (metrics.jsonl, skipped/ with the quarantine,
 trainable.jsonl, transition.json). The same training command with `parallel=<target>` and
 `hydra.run.dir=OUT_RUN_DIR` then resumes: from an FSDP2 checkpoint on any number of ranks (keep the global batch
-with `data.buckets.batch_scale`), from a local one in one process.
+with `data.buckets.batch_scale`), from a local one in one process, from a ZeRO-3 one on the `--world N` ranks it
+was laid out for (`src/parallel/zero3_files.py`; from a ZeRO-3 checkpoint of another world size too: DeepSpeed
+itself resumes ZeRO-3 only on the number of ranks that wrote it).
 
 It runs in one process, without a process group, and holds the whole state in host memory: fp32 weights, EMA and
 two moments, 16 bytes per parameter (176 GB for an 11B model).
@@ -27,6 +30,7 @@ import json
 import shutil
 import sys
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +47,11 @@ from src.config import CONF
 from src.integrity import MANIFEST, atomic_write, seal, step_folders, write_latest
 from src.parallel import fsdp2
 from src.parallel.engine import latest_tag
+from src.parallel.zero3_files import Zero3Target, write_zero3
 from src.param_groups import ParamPlan
 from src.safe_load import load_tensors
 
-TARGETS = ("fsdp2", "local")
+TARGETS = ("fsdp2", "local", "zero3")
 RUN_FILES = ("metrics.jsonl", "trainable.jsonl", "transition.json", "skipped")
 # What DeepSpeed itself writes into each rank's *_model_states.pt; the rest is Kiln's loop state (client_state)
 DEEPSPEED_KEYS = frozenset(
@@ -282,11 +287,17 @@ def _newest(ckpt_dir: Path, tag: str) -> str:
     return sealed[0] if sealed else tag
 
 
-def convert(run_dir: Path, out_dir: Path, target: str, tag: str | None = None) -> Path:
-    """Write RUN_DIR's checkpoint `tag` (default: latest) for engine `target` into OUT_RUN_DIR; returns the folder."""
+def convert(run_dir: Path, out_dir: Path, target: str, tag: str | None = None, world: int | None = None) -> Path:
+    """Write RUN_DIR's checkpoint `tag` (default: latest) for engine `target` into OUT_RUN_DIR; returns the folder.
+    `world`: the number of ranks a ZeRO-3 checkpoint is laid out for (zero3 only, and required there)."""
     run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir).resolve()
     if target not in TARGETS:
         raise ValueError(f"--to {target!r} is not one of {TARGETS}")
+    if (target == "zero3") != (world is not None) or (world is not None and world < 1):
+        raise ValueError(
+            f"--world {world}: a ZeRO-3 checkpoint needs the ranks it will resume on (--world N >= 1), "
+            "and only a ZeRO-3 one: FSDP2 resumes on any number of ranks, the local engine on one"
+        )
     if out_dir == run_dir:
         raise ValueError(f"OUT_RUN_DIR is RUN_DIR ({run_dir}): convert into a new run directory")
     if not (run_dir / "config.yaml").is_file():
@@ -298,7 +309,9 @@ def convert(run_dir: Path, out_dir: Path, target: str, tag: str | None = None) -
         raise ValueError(f"no checkpoint {tag or '(latest)'} in {checkpoint_dir(run_dir)}; present: {found}")
     check_intact(folder)  # every file against the manifest; no pickle that would run code
     source = engine_of(folder)
-    if source == target:
+    if source == target == "zero3" and len(zero3_ranked(folder, "*_optim_states.pt")) == world:
+        raise ValueError(f"{folder} is already a zero3 checkpoint of {world} ranks: it resumes on {world} as it is")
+    if source == target != "zero3":
         raise ValueError(
             f"{folder} is already a {source} checkpoint"
             + (": it resumes on any number of ranks as it is" if source == "fsdp2" else "")
@@ -307,24 +320,59 @@ def convert(run_dir: Path, out_dir: Path, target: str, tag: str | None = None) -
     state = read_state(folder)
     groups = model_groups(cfg, state)
     out = checkpoint_dir(out_dir) / folder.name
+    switched = switched_config(cfg, target)
+    if target == "zero3":
+        zero3 = zero3_target(switched, world)  # refusals before anything is written
     _prepare_out(out)
     if target == "fsdp2":
         write_fsdp2(state, out, int(cfg.parallel.get("sp_size", 1)))
+    elif target == "zero3":
+        write_zero3(state, out, zero3)
     else:
         write_local(state, out, groups, optimizer_defaults(cfg))
     seal(out)
     write_latest(out.parent, _newest(out.parent, out.name))
     _copy_run_files(run_dir, out_dir)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(switched_config(cfg, target)))
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(switched))
     return out
 
 
-def resume_hint(run_dir: Path, out_dir: Path, target: str) -> str:
-    """The command that resumes the converted run: the run's own overrides, another engine and run directory."""
+def zero3_target(cfg: DictConfig, world: int) -> Zero3Target:
+    """What `write_zero3` needs of the run's config (its parallel group switched to zero3) for `world` ranks."""
+    from src.parallel.deepspeed import _import_deepspeed, ds_config
+
+    par = cfg.parallel
+    if par.zero_stage != 3 or world % int(par.sp_size) != 0:
+        raise ValueError(
+            f"--to zero3 writes ZeRO stage 3 for --world {world} ranks in groups of parallel.sp_size "
+            f"{par.sp_size}; the run's config has zero_stage {par.zero_stage}: set it to 3, and a world that "
+            "sp_size divides"
+        )
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    params = OrderedDict((n, p.shape) for n, p in model.named_parameters())
+    config = ds_config(
+        3, par.precision, par.grad_clip, OmegaConf.to_container(par.zero_options, resolve=True), par.reduce_dtype
+    )
+    return Zero3Target(
+        world=world,
+        params=params,
+        buffers=[k for k in model.state_dict() if k not in params],  # the persistent ones, in state_dict order
+        ds_config=config,
+        defaults={k: v for k, v in optimizer_defaults(cfg).items() if k != "lr"},
+        ds_version=_import_deepspeed().__version__,
+    )
+
+
+def resume_hint(run_dir: Path, out_dir: Path, target: str, world: int | None = None) -> str:
+    """The command that resumes the converted run: the run's own overrides, another engine and run directory (and,
+    for ZeRO-3, the `world` ranks it was laid out for: nodes x GPUs on a cluster)."""
     overrides_file = Path(run_dir) / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
     kept = [o for o in overrides or [] if not o.lstrip("+~").startswith(("parallel", "hydra.run.dir"))]
-    launcher = "torchrun --nproc_per_node=N" if target == "fsdp2" else "python"
+    launcher = {"fsdp2": "torchrun --nproc_per_node=N", "local": "python"}.get(
+        target, f"torchrun --nproc_per_node={world}"
+    )
     command = f"{launcher} -m src.train {' '.join(kept)} parallel={target} hydra.run.dir={out_dir}"
     return " ".join(command.split())
 
@@ -336,15 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="the run directory holding the checkpoint (RUN_DIR)")
     parser.add_argument("out_dir", type=Path, help="the new run directory (OUT_RUN_DIR)")
     parser.add_argument("--to", required=True, choices=TARGETS, help="the engine to resume with")
+    parser.add_argument("--world", type=int, default=None, help="zero3 only: the number of ranks it will resume on")
     parser.add_argument("--tag", default=None, help="the checkpoint, e.g. step_00001000 (default: latest)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.run_dir, args.out_dir, args.to, args.tag)
+        out = convert(args.run_dir, args.out_dir, args.to, args.tag, args.world)
     except ValueError as err:  # a refusal names the value and the fix: no traceback
         print(f"python -m src.convert: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.to}, sealed); resume it with the run's command on the new engine and directory:")
-    print(f"  {resume_hint(args.run_dir, args.out_dir.resolve(), args.to)}")
+    print(f"  {resume_hint(args.run_dir, args.out_dir.resolve(), args.to, args.world)}")
     print("keeping the global batch: data.buckets.batch_scale x (data-parallel ranks before / after)")
     return 0
 

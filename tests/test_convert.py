@@ -7,7 +7,12 @@
   of tests/numerics.py through tests/test_train.assert_same_training) and stands at the same data position after
   step 4: no sample lost or repeated; the same for ZeRO-3 -> local;
 - FSDP2 -> local keeps the state bitwise; converting to the engine that wrote it, or over a sealed checkpoint, is
-  refused by name.
+  refused by name;
+- ZeRO-3 on another number of ranks (`--to zero3 --world N`, the command check_zero_world's refusal names): steps
+  1-2 of the 2-rank run laid out for 1 rank and resumed there, then its step 3 (written by the engine on 1 rank)
+  laid out for 2 and resumed on 2, train like one local process at the same data position; a ZeRO-3 checkpoint
+  that went through FSDP2 and back to 2 ranks holds every tensor and value DeepSpeed wrote, also when its groups
+  are cut into several sub-groups.
 """
 
 from __future__ import annotations
@@ -39,18 +44,25 @@ def convert(*args: str) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "src.convert", *map(str, args)])
 
 
+def named_command(run_dir: Path, tag: str, world: int, target: str) -> tuple[list[str], str]:
+    """The `python -m src.convert ... --to target` arguments that check_zero_world's refusal to resume `tag` of a
+    ZeRO-3 run on `world` ranks names, and the refusal."""
+    with pytest.raises(ValueError) as refusal:
+        check_zero_world(run_dir / "checkpoints" / tag, world)
+    commands = [shlex.split(c) for c in re.findall(r"`(python -m src\.convert [^`]+)`", str(refusal.value))]
+    return next(c[3:] for c in commands if c[c.index("--to") + 1] == target), str(refusal.value)
+
+
 @pytest.fixture(scope="module")
 def zero3_as_fsdp2(zero3_run) -> Path:
     """Steps 1-2 of the ZeRO-3 run converted to FSDP2 by the command its refusal on 1 rank names (step 1 as well:
     the parity check starts there), then resumed on 1 rank for steps 3-4 with the same global batch."""
     run_dir = zero3_run[0]
-    with pytest.raises(ValueError) as refusal:
-        check_zero_world(run_dir / "checkpoints" / step_tag(2), 1)
-    command = shlex.split(re.search(r"`(python -m src\.convert [^`]+)`", str(refusal.value))[1])
-    assert command[3:] == [str(run_dir), f"{run_dir}-fsdp2", "--to", "fsdp2", "--tag", step_tag(2)]
-    convert(*command[3:])
+    command, refusal = named_command(run_dir, step_tag(2), 1, "fsdp2")
+    assert command == [str(run_dir), f"{run_dir}-fsdp2", "--to", "fsdp2", "--tag", step_tag(2)]
+    convert(*command)
     out = Path(f"{run_dir}-fsdp2")
-    assert f"parallel=fsdp2 hydra.run.dir={out}" in str(refusal.value)
+    assert f"parallel=fsdp2 hydra.run.dir={out}" in refusal
     convert(run_dir, out, "--to", "fsdp2", "--tag", step_tag(1))
     assert (out / "checkpoints/latest").read_text() == step_tag(2)  # the newest converted one
     train(out, "parallel=fsdp2", "data.buckets.batch_scale=2", PARITY_EPS, EVERY_STEP, nproc=1)
@@ -162,3 +174,111 @@ def test_converting_to_the_same_engine_or_over_a_sealed_checkpoint_is_refused(ze
     )
     with pytest.raises(AssertionError, match=r"already holds a sealed checkpoint: choose another OUT_RUN_DIR"):
         convert(zero3_run[0], zero3_as_fsdp2, "--to", "fsdp2", "--tag", step_tag(1))
+
+
+# -- ZeRO-3 on another number of ranks: --to zero3 --world N ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zero3_two_then_one(zero3_run) -> Path:
+    """Steps 1-2 of the 2-rank ZeRO-3 run laid out for 1 rank by the command the refusal names (step 1 too: the
+    parity check starts there), resumed on 1 ZeRO-3 rank for steps 3-4 with the same global batch."""
+    run_dir = zero3_run[0]
+    command, refusal = named_command(run_dir, step_tag(2), 1, "zero3")
+    out = Path(f"{run_dir}-1ranks")
+    assert command == [str(run_dir), str(out), "--to", "zero3", "--world", "1", "--tag", step_tag(2)]
+    assert f"then run this command with hydra.run.dir={out}" in refusal
+    convert(*command)
+    convert(run_dir, out, "--to", "zero3", "--world", 1, "--tag", step_tag(1))
+    train(out, "data.buckets.batch_scale=2", PARITY_EPS, EVERY_STEP, nproc=1)
+    return out
+
+
+@pytest.mark.dist
+@pytest.mark.numerics
+def test_zero3_laid_out_for_one_rank_resumes_there_like_one_process(zero3_two_then_one, single_run, smoke_n):
+    # steps 1-2 on 2 ZeRO-3 ranks (batch 2 each), 3-4 on 1 ZeRO-3 rank (batch 4): every loss, step 1's gradients,
+    # moments and update, the final weights within tests/numerics.py's bounds; the same 16 samples after step 4
+    _assert_resumed_like_one_process(zero3_two_then_one, single_run[0], smoke_n)
+    assert "resumed from" in (zero3_two_then_one / "train.log").read_text()
+    for step in (1, 2):
+        folder = zero3_two_then_one / "checkpoints" / step_tag(step)
+        assert verify(folder).strip() == f"{folder}: intact"
+        assert sorted(p.name for p in folder.glob("*_states.pt")) == [
+            "zero_pp_rank_0_mp_rank_00_model_states.pt",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        ]
+
+
+@pytest.mark.dist
+@pytest.mark.numerics
+def test_zero3_from_one_rank_laid_out_for_two_resumes_like_one_process(
+    zero3_two_then_one, single_run, smoke_n, tmp_path
+):
+    # step 3 was written by the ZeRO-3 engine on 1 rank (steps 1-2 by the converter for 1 rank): all three laid out
+    # for 2 ranks, where step 4 trains with batch 2 per rank
+    for step in (1, 2, 3):
+        convert(zero3_two_then_one, tmp_path, "--to", "zero3", "--world", 2, "--tag", step_tag(step))
+        assert_same_state(zero3_two_then_one, tmp_path, step_tag(step))
+    train(tmp_path, PARITY_EPS, EVERY_STEP)
+    _assert_resumed_like_one_process(tmp_path, single_run[0], smoke_n)
+    assert len(list((tmp_path / "checkpoints" / step_tag(4)).glob("zero_pp_rank_*_optim_states.pt"))) == 2
+
+
+def assert_same_files(written: Path, converted: Path, loops: bool = True) -> None:
+    """Every file DeepSpeed and Kiln wrote into a ZeRO-3 checkpoint folder holds the same tensors and values (with
+    `loops` False, but each rank's loop state: a checkpoint that went through fewer ranks lost the others')."""
+    names = sorted(p.name for p in written.glob("*.pt"))
+    assert names == sorted(p.name for p in converted.glob("*.pt")) and len(names) == 6, names
+    for name in names:
+        a, b = (torch.load(d / name, weights_only=False) for d in (written, converted))
+        if not loops and name.endswith("_model_states.pt"):
+            a, b = ({k: v for k, v in x.items() if k in DEEPSPEED_KEYS} for x in (a, b))
+        loss_scalers = [
+            x["optimizer_state_dict"].pop("loss_scaler", None) for x in (a, b) if "optimizer_state_dict" in x
+        ]
+        assert same(a, b), name
+        assert all(vars(s) == {"cur_scale": 1.0, "dynamic": False} for s in loss_scalers)
+
+
+@pytest.mark.dist
+def test_zero3_through_fsdp2_and_back_holds_what_deepspeed_wrote(zero3_run, zero3_as_fsdp2, tmp_path):
+    convert(zero3_as_fsdp2, tmp_path, "--to", "zero3", "--world", 2, "--tag", step_tag(2))
+    assert_same_files(zero3_run[0] / "checkpoints" / step_tag(2), tmp_path / "checkpoints" / step_tag(2))
+
+
+@pytest.mark.dist
+def test_zero3_sub_groups_are_cut_as_deepspeed_cuts_them(tmp_path):
+    # sub_group_size 100000 cuts the tiny model's one param group (265312 elements per rank on 2 ranks) into 3
+    # sub-groups where the running per-rank sum reaches it, and into 5 on 1 rank; the converter cuts the same (it
+    # keeps a ZeRO-3 run's zero_options; from FSDP2 or local it lays out for DeepSpeed's default sub_group_size)
+    run_dir, one, back = tmp_path / "run", tmp_path / "one", tmp_path / "back"
+    train(run_dir, "steps=1", "+parallel.zero_options.sub_group_size=100000", PARITY_EPS)
+    convert(run_dir, one, "--to", "zero3", "--world", 1)
+    convert(one, back, "--to", "zero3", "--world", 2)
+    written, on_one = (d / "checkpoints" / step_tag(1) for d in (run_dir, one))
+    for folder, cut in ((written, 3), (on_one, 5)):  # 530624 elements on 1 rank: 5 sub-groups
+        assert len(load_tensors(folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")["param_shapes"]) == cut
+    assert_same_files(written, back / "checkpoints" / step_tag(1), loops=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--to", "zero3"), "a ZeRO-3 checkpoint needs the ranks it will resume on"),
+        (("--to", "fsdp2", "--world", "2"), "and only a ZeRO-3 one"),
+        (("--to", "zero3", "--world", "0"), "--world N >= 1"),
+    ],
+)
+def test_world_is_asked_for_zero3_alone(args, message, tmp_path, capsys):
+    from src.convert import main
+
+    (tmp_path / "config.yaml").write_text("{}")
+    assert main([str(tmp_path), str(tmp_path / "out"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.dist
+def test_zero3_on_the_ranks_that_wrote_it_is_refused(zero3_run, tmp_path):
+    with pytest.raises(AssertionError, match=r"is already a zero3 checkpoint of 2 ranks: it resumes on 2 as it is"):
+        convert(zero3_run[0], tmp_path, "--to", "zero3", "--world", 2)

@@ -334,7 +334,8 @@ def two_then_one(tmp_path_factory):
 
 
 def _loop_state(folder) -> dict:
-    files = sorted(folder.glob("loop_rank_*.pt")) or [folder / "local_engine.pt"]
+    files = sorted(folder.glob("loop_rank_*.pt")) or sorted(folder.glob("zero_pp_rank_0_*_model_states.pt"))
+    files = files or [folder / "local_engine.pt"]  # ZeRO-3 keeps the loop state beside DeepSpeed's keys
     blob = torch.load(files[0], weights_only=False)
     return blob.get("state", blob)
 

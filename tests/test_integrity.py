@@ -152,9 +152,11 @@ def test_a_world_size_mismatch_says_how_to_resume_without_touching_latest(tmp_pa
     check_zero_world(folder, 2)
     with pytest.raises(ValueError, match=r"shards of 2 ranks, and this run has 1.*--nproc_per_node=2") as e:
         check_zero_world(folder, 1)
-    run = tmp_path / "run"  # and the one command that converts it to FSDP2, which resumes on any number of ranks
+    run = tmp_path / "run"  # and the command that converts it to FSDP2, which resumes on any number of ranks
     assert f"`python -m src.convert {run} {run}-fsdp2 --to fsdp2 --tag step_00000004`" in str(e.value)
     assert f"parallel=fsdp2 hydra.run.dir={run}-fsdp2" in str(e.value) and "latest" not in str(e.value)
+    # first, the one that lays it out for this run's number of ranks, staying on ZeRO-3
+    assert f"`python -m src.convert {run} {run}-1ranks --to zero3 --world 1 --tag step_00000004`" in str(e.value)
 
 
 def test_unwritable_run_folders_are_refused_at_start(tmp_path):

@@ -125,18 +125,22 @@ def _entries(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_zero_world(folder: Path, world: int) -> None:
     """Refuse a ZeRO checkpoint written by another number of ranks: DeepSpeed cannot re-partition its shards. The
-    message names the command that converts it to FSDP2, which resumes on any number of ranks."""
+    message names the command that lays it out for this number of ranks (`python -m src.convert --to zero3`), and
+    the one that converts it to FSDP2, which resumes on any number of ranks."""
     saved = len(list(folder.glob("*zero_pp_rank_*_optim_states.pt")))
     if saved and saved != world:
-        run_dir = folder.parent.parent
+        run_dir, tag = folder.parent.parent, folder.name
+        out = f"{run_dir}-{world}ranks"
         raise ValueError(
             f"checkpoint {folder} holds the ZeRO optimizer shards of {saved} ranks, and this run has {world}: "
-            f"DeepSpeed cannot re-partition them. Resume on {saved} ranks (torchrun --nproc_per_node={saved}, or "
-            f"that many nodes x GPUs), or convert it to FSDP2, which resumes on any number of ranks with the same "
-            f"step, moments and data position: `python -m src.convert {run_dir} {run_dir}-fsdp2 --to fsdp2 --tag "
-            f"{folder.name}`, then run this command with parallel=fsdp2 hydra.run.dir={run_dir}-fsdp2 (to keep the "
+            f"DeepSpeed cannot re-partition them. Lay it out for {world} ranks, with the same weights, EMA, AdamW "
+            f"moments and step counts, LR schedule and data position: `python -m src.convert {run_dir} {out} "
+            f"--to zero3 --world {world} --tag {tag}`, then run this command with hydra.run.dir={out} (to keep the "
             f"global batch, scale data.buckets.batch_scale by the data-parallel ranks before / after: {saved} / "
-            f"{world} without sequence parallelism)."
+            f"{world} without sequence parallelism). Or resume on {saved} ranks (torchrun --nproc_per_node={saved}, "
+            f"or that many nodes x GPUs), or move to FSDP2, which resumes on any number of ranks: `python -m "
+            f"src.convert {run_dir} {run_dir}-fsdp2 --to fsdp2 --tag {tag}`, then parallel=fsdp2 "
+            f"hydra.run.dir={run_dir}-fsdp2."
         )
 
 
