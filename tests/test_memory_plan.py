@@ -6,7 +6,7 @@ import torch
 
 from src.models.mmdit import MMDiT
 from src.parallel.activations import rank_activations, saved_bytes
-from src.parallel.plan import memory_plan, state_bytes_per_param
+from src.parallel.plan import GIB, memory_plan, meta_model, state_bytes_per_param
 from tests.conftest import ROOT, tiny_model_kwargs
 from tests.test_config import compose_experiment
 
@@ -58,6 +58,13 @@ def test_the_plan_follows_the_engine():
     zero3 = memory_plan(compose_experiment("dcae"))
     fsdp2 = memory_plan(compose_experiment("dcae", ("parallel=fsdp2",)))
     local = memory_plan(compose_experiment("dcae", ("parallel=local", "parallel.precision=bf16")))
-    assert fsdp2.fits() and fsdp2.model_states_gib == pytest.approx(zero3.model_states_gib)  # 16 B/param over 8
+    assert fsdp2.fits() and fsdp2.model_states_gib == pytest.approx(zero3.model_states_gib)  # 20 B/param over 8
     assert local.model_states_gib == pytest.approx(8 * zero3.model_states_gib) and not local.fits()  # 11B unsharded
     assert local.gathered_gib == local.buffers_gib == 0 < fsdp2.gathered_gib < zero3.gathered_gib
+
+
+def test_the_plan_counts_the_ema_sharded_like_the_weights():
+    with_ema, without = (memory_plan(compose_experiment("dcae", extra)) for extra in ((), ("ema=null",)))
+    n_params = sum(p.numel() for p in meta_model(compose_experiment("dcae")).parameters())
+    assert with_ema.model_states_gib - without.model_states_gib == pytest.approx(4 * n_params / 8 / GIB)
+    assert without.model_states_gib == pytest.approx(n_params * state_bytes_per_param("bf16", 3, 8) / GIB)

@@ -2,7 +2,8 @@
 
 For every bucket of the config, one rank's peak is planned as the sum of
 - model states: parameters, gradients and optimizer states (fp32 master + AdamW moments), the sharded ones divided
-  over `sized_for.gpus` ranks (ZeRO stage 1-3, FSDP2; `parallel=local` shards nothing),
+  over `sized_for.gpus` ranks (ZeRO stage 1-3, FSDP2; `parallel=local` shards nothing), and the fp32 EMA (unless
+  `ema: null`), sharded like the weights,
 - the parameters held gathered at once: ZeRO-3's `stage3_max_live_parameters` (DeepSpeed's default 1e9), FSDP2's
   two blocks, in the compute dtype,
 - the gradient reduction buffers: ZeRO's two `reduce_bucket_size` buckets (default 5e8 elements, in
@@ -11,7 +12,8 @@ For every bucket of the config, one rank's peak is planned as the sum of
   checkpointing and sequence parallelism, counted by `src.parallel.activations` on the meta device,
 and must stay within HEADROOM of `sized_for.gpu_memory_gib`: the rest is the CUDA context, allocator
 fragmentation and kernel workspaces, which the plan does not count. The counts are upper bounds of what the
-config asks for, not measurements; peak_mem_gb in metrics.jsonl is the measured figure.
+config asks for, not measurements; peak_mem_gb in metrics.jsonl is the measured figure. `python -m
+src.parallel.layouts` plans the 11B this way across cluster sizes, engines and sp_size.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ HEADROOM = 0.9  # of a GPU's memory the plan may fill
 DS_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's defaults (deepspeed/runtime/zero/config.py)
 DS_REDUCE_BUCKET_SIZE = 5e8
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+EMA_BYTES = 4  # Kiln's EMA of the weights: fp32, sharded as the parameters are
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,9 @@ def _meta_vae(vae_yaml: str):
         return instantiate(cfg, **({"random_init": True} if "random_init" in cfg else {}))
 
 
-def engine_bytes(par: DictConfig, model: torch.nn.Module, gpus: int) -> tuple[float, float, float]:
-    """(model states, gathered weights, communication buffers) in bytes on one rank for the configured engine.
+def engine_bytes(par: DictConfig, model: torch.nn.Module, gpus: int, ema: bool = True) -> tuple[float, float, float]:
+    """(model states, gathered weights, communication buffers) in bytes on one rank for the configured engine; the
+    model states with the EMA when `ema`.
 
     ZeRO: states by stage; stage 3 keeps up to `stage3_max_live_parameters` gathered; two reduce buckets of
     `reduce_bucket_size` elements in `reduce_dtype`. FSDP2: everything sharded over the ranks of a replica; two
@@ -119,18 +123,19 @@ def engine_bytes(par: DictConfig, model: torch.nn.Module, gpus: int) -> tuple[fl
     precision, compute = par.precision, DTYPE_BYTES[par.precision]
     n_params = sum(p.numel() for p in model.parameters())
     block = max(sum(p.numel() for p in b.parameters()) for b in [*model.double_blocks, *model.single_blocks])
+    ema_bytes = EMA_BYTES if ema else 0
     if engine == "LocalEngine":
-        return n_params * state_bytes_per_param(precision, 0, 1), 0.0, 0.0
+        return n_params * (state_bytes_per_param(precision, 0, 1) + ema_bytes), 0.0, 0.0
     if engine == "FSDP2Engine":
         shards = gpus // par.get("replicate", 1)
-        states = n_params * state_bytes_per_param(precision, 3, shards)
+        states = n_params * (state_bytes_per_param(precision, 3, shards) + ema_bytes / shards)
         return states, 2 * block * compute, 2 * block * DTYPE_BYTES["fp32"]
     if engine == "DeepSpeedEngine":
         stage, options = par.zero_stage, par.get("zero_options") or {}
         live = min(n_params, options.get("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS))
         bucket = options.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE)
         reduce = DTYPE_BYTES[par.get("reduce_dtype", "fp32")]
-        states = n_params * state_bytes_per_param(precision, stage, gpus)
+        states = n_params * (state_bytes_per_param(precision, stage, gpus) + ema_bytes / gpus)  # every ZeRO stage
         return states, live * compute if stage == 3 else 0.0, 2 * bucket * reduce
     raise ValueError(
         f"no memory plan for parallel._target_={par._target_!r} (LocalEngine, DeepSpeedEngine, FSDP2Engine)"
@@ -144,22 +149,36 @@ def memory_plan(cfg: DictConfig, gpus: int | None = None, gpu_memory_gib: float 
     if not gpus or not memory:
         raise ValueError(f"no GPUs to plan for: sized_for is {dict(cfg.sized_for)} (a CPU config?)")
     par = cfg.parallel
-    model = _meta_model(OmegaConf.to_yaml(cfg.model, resolve=True), par.precision)
-    states, gathered, buffers = engine_bytes(par, model, gpus)
+    model = meta_model(cfg)
+    states, gathered, buffers = engine_bytes(par, model, gpus, ema=cfg.get("ema") is not None)
     fixed = states + gathered + buffers
-    sp = par.get("sp_size", 1)
+    plans = [
+        BucketPlan(name, batch, tokens, gib, fixed / GIB + gib)
+        for name, batch, tokens, gib in bucket_activations(cfg, model, par.get("sp_size", 1))
+    ]
+    return MemoryPlan(gpus, memory, states / GIB, gathered / GIB, buffers / GIB, plans)
+
+
+def meta_model(cfg: DictConfig) -> torch.nn.Module:
+    """A composed config's model on the meta device, in its compute dtype."""
+    return _meta_model(OmegaConf.to_yaml(cfg.model, resolve=True), cfg.parallel.precision)
+
+
+def bucket_activations(cfg: DictConfig, model: torch.nn.Module, sp: int) -> list[tuple[str, int, int, float]]:
+    """(bucket, batch, tokens per sample, GiB of activations on one rank) for every bucket of a composed config,
+    with its activation checkpointing, in a sequence-parallel group of `sp` ranks."""
     vae, buckets = _meta_vae(OmegaConf.to_yaml(cfg.vae, resolve=True)), instantiate(cfg.data.buckets)
     text = cfg.text.max_length
-    checkpointing = (par.checkpoint_double, par.checkpoint_single)
+    checkpointing = (cfg.parallel.checkpoint_double, cfg.parallel.checkpoint_single)
     counted: dict[tuple[int, int], float] = {}  # (video tokens, batch) -> GiB: aspect buckets often share a count
-    plans = []
+    rows = []
     for bucket in buckets.all_buckets():
         video = math.prod(model.token_grid(vae.latent_shape(bucket.num_frames, bucket.height, bucket.width)))
         key = (video, bucket.batch_size)
         if key not in counted:
             counted[key] = rank_activations(model, video, text, sp, bucket.batch_size).gb(*checkpointing)
-        plans.append(BucketPlan(bucket.name, bucket.batch_size, video + text, counted[key], fixed / GIB + counted[key]))
-    return MemoryPlan(gpus, memory, states / GIB, gathered / GIB, buffers / GIB, plans)
+        rows.append((bucket.name, bucket.batch_size, video + text, counted[key]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
