@@ -18,7 +18,7 @@
 Each run is its own process (its own peak memory). Both count the same model FLOPs (`src.flops`, one formula for
 one architecture) and skip the first `--warmup` log windows (allocation, compilation). Prints one table (tokens/s
 per device, MFU, TFLOP/s, step time, data wait, peak memory, and the ratio Kiln / baseline) and writes JSON.
-`--profile N` also profiles N of Kiln's measured steps and prints where their time goes (`src/profiler.py`).
+`--profile N` also profiles N of Kiln's measured steps and prints where their time goes (`src/run/profiler.py`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.cli import HelpFormatter
 from src.metrics import StepWindow, read_metrics
-from src.profiler import table as profile_table
+from src.run.profiler import table as profile_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         type=int,
         default=0,
         metavar="N",
-        help="profile N steps of the Kiln run (src/profiler.py) and print where the time goes",
+        help="profile N steps of the Kiln run (src/run/profiler.py) and print where the time goes",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--baseline-worker", type=Path, default=None, help=argparse.SUPPRESS)

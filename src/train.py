@@ -32,8 +32,8 @@ from src.parallel.dist import all_gather_objects, all_mean, all_sum_counts, barr
 from src.parallel.engine import ema_decay, latest_tag
 from src.parallel.sp_guard import check_sequence_batches
 from src.param_groups import enter_phase
+from src.run.sentinel import DIVERGED_EXIT, Diverged, Quarantine, Sentinel, Verdict, append_jsonl, blame, standouts
 from src.run.setup import Position, Run, setup
-from src.sentinel import DIVERGED_EXIT, Diverged, Quarantine, Sentinel, Verdict, append_jsonl, blame, standouts
 
 log = logging.getLogger("kiln.train")
 ALARM_EXIT = 3  # exit status of a run stopped by a learning alarm

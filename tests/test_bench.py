@@ -74,7 +74,7 @@ def test_bench_runs_kiln_and_the_diffusers_baseline_on_cpu(tmp_path):
 
 
 def test_profiler_categories():
-    from src.profiler import HOST, categorize
+    from src.run.profiler import HOST, categorize
 
     cases = {
         ("aten::_scaled_dot_product_flash_attention_for_cpu", False): "attention",
@@ -136,7 +136,7 @@ def _gpu_trace():
 
 
 def test_gpu_profile_counts_each_kernel_once():
-    from src.profiler import breakdown
+    from src.run.profiler import breakdown
 
     report = breakdown(_gpu_trace(), steps=1, wall_s=1e-3, device=torch.device("cuda"))
     seconds = report["seconds_per_step"]
@@ -150,7 +150,7 @@ def test_gpu_profile_counts_each_kernel_once():
 
 
 def test_cpu_profile_counts_cpu_events_only():
-    from src.profiler import HOST, OUTSIDE, breakdown
+    from src.run.profiler import HOST, OUTSIDE, breakdown
 
     seconds = breakdown(_gpu_trace(), steps=1, wall_s=2e-3, device=torch.device("cpu"))["seconds_per_step"]
     # the same ops' own CPU time; the step range's self time is host time; the kernels are not CPU events

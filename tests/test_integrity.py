@@ -24,7 +24,7 @@ from src.models.mmdit import MMDiT
 from src.parallel.deepspeed import check_zero_world
 from src.parallel.engine import warmup_schedule
 from src.parallel.local import LocalEngine
-from src.resume import GlobalBatches, check_writable
+from src.run.resume import GlobalBatches, check_writable
 from src.safe_load import load_tensors, refuse_unsafe_pickles
 from tests.conftest import ROOT, clean_env, tiny_model_kwargs
 from tests.test_engine import make_engine, train_steps

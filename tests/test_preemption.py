@@ -12,7 +12,7 @@ def _worker(rank: int, port: int, run_dir: str, results) -> None:
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     from src.parallel.dist import init_distributed, shutdown
-    from src.preemption import StopRequest
+    from src.run.preemption import StopRequest
 
     init_distributed("gloo")
     stop = StopRequest(run_dir)
@@ -38,7 +38,7 @@ def test_sigusr1_to_rank_1_stops_every_rank_and_says_so(tmp_path):
 
 
 def test_a_stop_file_is_the_reason_when_no_signal_came(tmp_path):
-    from src.preemption import StopRequest
+    from src.run.preemption import StopRequest
 
     stop = StopRequest(tmp_path)
     (tmp_path / "STOP").touch()

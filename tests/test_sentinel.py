@@ -1,8 +1,8 @@
-"""The NaN / spike sentinel (src/sentinel.py): a non-finite step is skipped with no update, a diverging run rolls
+"""The NaN / spike sentinel (src/run/sentinel.py): a non-finite step is skipped with no update, a diverging run rolls
 back to its last checkpoint and quarantines the samples, and no checkpoint ever holds a non-finite weight.
 
 The drills run the real loop in this process on the local engine over random features (seconds each), with the
-fault injection of src/faults.py; tests/test_train.py's `test_the_sentinel_on_two_sharded_ranks` does the same on
+fault injection of src/run/faults.py; tests/test_train.py's `test_the_sentinel_on_two_sharded_ranks` does the same on
 2 ZeRO-3 ranks and on 2 FSDP2 ranks through torchrun (a rollback there reloads a DCP checkpoint mid-run).
 """
 
@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from src.checkpoint import load_model_weights, step_tag
 from src.metrics import read_metrics
 from src.parallel.dist import shutdown
-from src.sentinel import Diverged, Quarantine, Sentinel, blame, standouts
+from src.run.sentinel import Diverged, Quarantine, Sentinel, blame, standouts
 from tests.conftest import ROOT
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-from src.watchdog import HANG_EXIT, Watchdog, read_heartbeats, stall_message
+from src.run.watchdog import HANG_EXIT, Watchdog, read_heartbeats, stall_message
 from tests.conftest import ROOT, clean_env
 
 GUARD_S = 300  # how long a test waits for what must happen before calling it a hang (not a speed requirement)

@@ -5,7 +5,7 @@ An engine owns the (sharded) model, its optimizer and LR schedule. The loop only
     pred = engine(x, txt, vec, t)       # forward
     engine.backward(loss)
     grad_norm = engine.step()           # clip, optimizer step, schedule step, zero grads; a non-finite norm:
-                                        # nothing applied (the NaN sentinel, src/sentinel.py, counts it)
+                                        # nothing applied (the NaN sentinel, src/run/sentinel.py, counts it)
     engine.count_nonfinite()            # this rank's non-finite weights: a checkpoint of them is never written
     engine.save(dir, tag, state) / state = engine.load(dir)   # save: the files only (src.integrity seals
                                         # them and moves `latest`); load: the checkpoint `latest` names

@@ -27,7 +27,6 @@ from src.curriculum import apply_transition, carry_moments
 from src.diffusion.condition import check_condition_input
 from src.diffusion.flow import FlowMatching
 from src.evaluation import Evaluator, validation_set
-from src.faults import Faults
 from src.flops import peak_flops
 from src.integrity import resume_tag
 from src.metrics import LossBreakdown, StepWindow, truncate_after
@@ -35,11 +34,12 @@ from src.parallel.construction import construction_for
 from src.parallel.dist import DistInfo, agree, init_distributed
 from src.parallel.engine import latest_tag
 from src.param_groups import ParamPlan
-from src.preemption import StopRequest, clear_stale_stop
-from src.profiler import StepProfiler
-from src.resume import GlobalBatches, check_writable
-from src.sentinel import Quarantine, Sentinel
-from src.watchdog import Watchdog
+from src.run.faults import Faults
+from src.run.preemption import StopRequest, clear_stale_stop
+from src.run.profiler import StepProfiler
+from src.run.resume import GlobalBatches, check_writable
+from src.run.sentinel import Quarantine, Sentinel
+from src.run.watchdog import Watchdog
 
 log = logging.getLogger("kiln.train")
 
@@ -219,10 +219,10 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         flow.sigma_min,
         model=model,  # eval.images need its cond_in
     )
-    sentinel = Sentinel(**cfg.sentinel)  # non-finite steps are skipped, divergence is rolled back (src/sentinel.py)
+    sentinel = Sentinel(**cfg.sentinel)  # non-finite steps are skipped, divergence is rolled back (src/run/sentinel.py)
     if "sentinel" in state:
         sentinel.load_state_dict(state["sentinel"])
-    faults = Faults(**cfg.faults)  # deliberate failures for drills (src/faults.py); none by default
+    faults = Faults(**cfg.faults)  # deliberate failures for drills (src/run/faults.py); none by default
     faults.install(model)
     logger = instantiate(cfg.logger)(
         run_dir=run_dir, enabled=dist.is_main, config=OmegaConf.to_container(cfg, resolve=True)
