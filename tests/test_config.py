@@ -38,6 +38,21 @@ def test_recipe_experiments_train_from_the_cache_with_the_recipes_latents(name, 
     assert cfg.text._target_.endswith("T5CLIPTextEncoder") and cfg.text.max_length == 512
 
 
+def test_the_learning_check_trains_the_demos_stage_1_recipe_on_a_narrower_model():
+    # the learning regression test stands for the demo: it may differ in width and engine, not in recipe or data
+    demo, check = compose_experiment("demo"), compose_experiment("learning_check")
+    narrower = {"hidden", "heads"}
+    assert {k: v for k, v in check.model.items() if k not in narrower} == {
+        k: v for k, v in demo.model.items() if k not in narrower
+    }
+    assert check.model.hidden // check.model.heads == demo.model.hidden // demo.model.heads  # the same RoPE split
+    for group in ("diffusion", "optim", "text", "vae"):
+        assert check[group] == demo[group], group
+    assert check.data.buckets == demo.data.buckets and check.data.frame_stride == demo.data.frame_stride
+    assert check.eval.prompts == demo.eval.prompts and check.eval.val == demo.eval.val
+    assert check.steps == check.eval.alarm_after == demo.eval.alarm_after
+
+
 def text_dims(text_cfg) -> tuple[int, int]:
     """(token dim, pooled dim) of a text config: built when it needs no weights path, else from its provenance."""
     if "t5_path" in text_cfg and text_cfg.t5_path is None:
