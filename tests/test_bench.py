@@ -209,7 +209,7 @@ def test_bench_compares_the_engines_on_one_and_two_ranks_in_one_run(tmp_path):
 
 
 def test_bench_refuses_an_impossible_engine_entry():
-    from src.bench import parse_engines
+    from src.bench.speed import parse_engines
 
     assert parse_engines(["local:1", "fsdp2:4"]) == [("local", 1), ("fsdp2", 4)]
     with pytest.raises(SystemExit, match=r"'local:2': the local engine runs one process"):

@@ -114,7 +114,7 @@ def decode_clip_naive(
     """The clip `decode_clip` returns for the same request (start 0, centre crop), decoded the slow way.
 
     Decodes every frame of the whole video to an RGB array first, then picks the clip's frames and resizes
-    them. It is the baseline of `src.data.bench` and an independent check of `decode_clip`'s seeking: frames
+    them. It is the baseline of `src.bench.decode` and an independent check of `decode_clip`'s seeking: frames
     are chosen by position in the decoded list (fps=None) or by comparing their timestamps with the sample
     times (fps set), not by `decode_clip`'s frame-grid arithmetic.
 

@@ -1,6 +1,6 @@
 """Benchmark of CPU clip decoding: `decode_clip` (seek + decode only the clip) against a full decode.
 
-    python -m src.data.bench [--workers 1] [--clips 24] [--out docs/bench_decode.json] [--seed 0]
+    python -m src.bench.decode [--workers 1] [--clips 24] [--out docs/bench_decode.json] [--seed 0]
 
 Makes two H.264 test videos with PyAV (into a temporary directory): 448x256 and 1344x768, 24 fps, 6 s, a panning
 textured background with a moving box and film grain, x264 preset veryfast, crf 23, a keyframe every 48 frames
@@ -253,7 +253,7 @@ def cpu_model() -> str:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the benchmark, print the table and write the JSON report; returns the rows."""
     parser = argparse.ArgumentParser(
-        formatter_class=HelpFormatter, prog="python -m src.data.bench", description=__doc__.split("\n\n")[0]
+        formatter_class=HelpFormatter, prog="python -m src.bench.decode", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--workers", type=int, default=1, help="decoding processes")
     parser.add_argument("--clips", type=int, default=24, help="requests per resolution and method, over all workers")
@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(table)
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m src.data.bench", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m src.bench.decode", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),

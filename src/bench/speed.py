@@ -45,7 +45,7 @@ from src.cli import HelpFormatter
 from src.metrics import StepWindow, read_metrics
 from src.run.profiler import table as profile_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 ENGINES = ("local", "zero3", "fsdp2")  # conf/parallel/
@@ -209,7 +209,7 @@ def device_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="mmdit_1b", help="a conf/model/ flavor")
     parser.add_argument(
         "--latent",

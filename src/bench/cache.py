@@ -1,6 +1,6 @@
 """Benchmark: training step time and peak memory with online encoding against cached features.
 
-    python -m src.bench_cache [--experiment dcae_tiny] [--steps 30] [--out docs/bench_cache.json] [OVERRIDE ...]
+    python -m src.bench.cache [--experiment dcae_tiny] [--steps 30] [--out docs/bench_cache.json] [OVERRIDE ...]
 
 One run, same model, same buckets and batch: the experiment's source video shards are encoded once by
 `src.preprocess` into a temporary cache; then `src.train` runs `--steps` steps single-process twice, once with
@@ -28,7 +28,7 @@ from hydra import compose, initialize_config_dir
 from src.cli import HelpFormatter
 from src.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(args: list[str]) -> None:
@@ -49,7 +49,9 @@ def measure(run_dir: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m src.bench.cache", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--experiment", default="dcae_tiny")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--log-every", type=int, default=5)
