@@ -11,8 +11,8 @@
 - ZeRO-3 on another number of ranks (`--to zero3 --world N`, the command check_zero_world's refusal names): steps
   1-2 of the 2-rank run laid out for 1 rank and resumed there, then its step 3 (written by the engine on 1 rank)
   laid out for 2 and resumed on 2, train like one local process at the same data position; a ZeRO-3 checkpoint
-  that went through FSDP2 and back to 2 ranks holds every tensor and value DeepSpeed wrote, also when its groups
-  are cut into several sub-groups.
+  that went through FSDP2 and back to 2 ranks holds every tensor and value DeepSpeed wrote, and so does one whose
+  groups are cut into several sub-groups, with a group at half the LR and a parameter frozen in every phase.
 """
 
 from __future__ import annotations
@@ -248,17 +248,23 @@ def test_zero3_through_fsdp2_and_back_holds_what_deepspeed_wrote(zero3_run, zero
 
 
 @pytest.mark.dist
-def test_zero3_sub_groups_are_cut_as_deepspeed_cuts_them(tmp_path):
-    # sub_group_size 100000 cuts the tiny model's one param group (265312 elements per rank on 2 ranks) into 3
-    # sub-groups where the running per-rank sum reaches it, and into 5 on 1 rank; the converter cuts the same (it
-    # keeps a ZeRO-3 run's zero_options; from FSDP2 or local it lays out for DeepSpeed's default sub_group_size)
+def test_zero3_sub_groups_and_frozen_parameters_are_laid_out_as_deepspeed_does(tmp_path):
+    # sub_group_size 100000 cuts the tiny model's param groups into sub-groups where the running per-rank sum
+    # reaches it (the converter keeps a ZeRO-3 run's zero_options; from FSDP2 or local it lays out for DeepSpeed's
+    # default); img_in, frozen in every phase, is in no group: each rank keeps its slice as a frozen fragment;
+    # final_layer trains in a group of its own at half the LR
     run_dir, one, back = tmp_path / "run", tmp_path / "one", tmp_path / "back"
-    train(run_dir, "steps=1", "+parallel.zero_options.sub_group_size=100000", PARITY_EPS)
+    groups = "optim.groups=[{pattern:'^img_in',trainable:false},{pattern:'^final_layer',lr_scale:0.5}]"
+    train(run_dir, "steps=1", "+parallel.zero_options.sub_group_size=100000", groups, PARITY_EPS)
     convert(run_dir, one, "--to", "zero3", "--world", 1)
     convert(one, back, "--to", "zero3", "--world", 2)
     written, on_one = (d / "checkpoints" / step_tag(1) for d in (run_dir, one))
-    for folder, cut in ((written, 3), (on_one, 5)):  # 530624 elements on 1 rank: 5 sub-groups
-        assert len(load_tensors(folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")["param_shapes"]) == cut
+    for folder, cut in ((written, 4), (on_one, 6)):  # 1 rank holds twice the elements: more sub-groups
+        model_states = load_tensors(folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        assert len(model_states["param_shapes"]) == cut
+        assert list(model_states["frozen_param_fragments"]) == ["img_in.weight", "img_in.bias"]
+    optim = load_tensors(written / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+    assert [g["lr"] for g in optim["optimizer_state_dict"]["param_groups"]] == [1e-4, 5e-5]
     assert_same_files(written, back / "checkpoints" / step_tag(1), loops=False)
 
 
