@@ -28,8 +28,8 @@ from src.cli import HelpFormatter
 from src.data.video import decode_clip, is_image, write_mp4
 from src.diffusion.condition import COND_TYPES, build_condition, place_given
 from src.diffusion.sampler import euler_sample
-from src.metrics import read_metrics
 from src.models.diffusers_flux import is_diffusers_flux
+from src.run.metrics import read_metrics
 
 BUCKET_NAME = re.compile(r"\w+/(\d+)f/(\d+)x(\d+)")  # resolution/frames/HEIGHTxWIDTH (src.data.buckets.Bucket)
 

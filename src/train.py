@@ -27,11 +27,11 @@ from src.data.source import batch_features, training_condition
 from src.evaluation import LearningAlarm, write_stage_report
 from src.flops import step_flops
 from src.integrity import POLICIES, save_checkpoint
-from src.metrics import truncate_after
 from src.parallel.dist import all_gather_objects, all_mean, all_sum_counts, barrier
 from src.parallel.engine import ema_decay, latest_tag
 from src.parallel.sp_guard import check_sequence_batches
 from src.param_groups import enter_phase
+from src.run.metrics import truncate_after
 from src.run.sentinel import DIVERGED_EXIT, Diverged, Quarantine, Sentinel, Verdict, append_jsonl, blame, standouts
 from src.run.setup import Position, Run, setup
 

@@ -163,8 +163,8 @@ def test_a_run_on_random_features_without_checkpoints_profiles_its_steps(tmp_pat
     # in-process, the local engine: what the bench asks of src.train (ckpt_every=0, profile.steps) and a `null` MFU
     from hydra import compose, initialize_config_dir
 
-    from src.metrics import read_metrics
     from src.parallel.dist import shutdown
+    from src.run.metrics import read_metrics
     from src.train import train
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by the one-process group,

@@ -197,8 +197,8 @@ def compose_run(*overrides: str):
 
 
 def train_in_process(cfg, run_dir, monkeypatch) -> list[dict]:
-    from src.metrics import read_metrics
     from src.parallel.dist import shutdown
+    from src.run.metrics import read_metrics
     from src.train import train
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

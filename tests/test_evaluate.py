@@ -5,7 +5,7 @@ import json
 import av
 import pytest
 
-from src.metrics import read_metrics
+from src.run.metrics import read_metrics
 from tests.test_train import train
 
 

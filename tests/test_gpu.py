@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from src.metrics import read_metrics
 from src.models.attention import attention, resolve_backend
 from src.models.mmdit import MMDiT
+from src.run.metrics import read_metrics
 from tests.conftest import ROOT, clean_env, tiny_model_kwargs
 
 pytestmark = [

@@ -364,7 +364,7 @@ def test_no_signal_no_requeue_and_exit_status_passes_through(slurm, start_job, t
 def test_usr1_to_a_real_cpu_training_job_checkpoints_requeues_and_the_requeued_job_resumes(slurm, start_job, tmp_path):
     """slurm/stage1.sh around a real training run (smoke, one CPU process): SLURM's USR1 -> STOP -> the run
     checkpoints its current step and exits 0 -> scontrol requeue; the requeued job resumes from that step."""
-    from src.metrics import read_metrics
+    from src.run.metrics import read_metrics
 
     env, log = slurm
     run_dir = tmp_path / "runs" / "stage1"

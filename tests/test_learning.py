@@ -14,7 +14,7 @@ from src.data.synthetic import ClipSpec, render_clip, write_synthetic_shards
 from src.evaluation.evaluator import probe_alarms
 from src.evaluation.health import health_alarms, health_ratios, video_stats
 from src.evaluation.validation import ValidationSet, bin_times, evaluate, gap
-from src.metrics import LossBreakdown
+from src.run.metrics import LossBreakdown
 from src.stages import UNHEALTHY, describe_report, run_curriculum
 
 

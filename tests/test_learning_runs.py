@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from src.data.judge import judge_run
 from src.data.synthetic import write_synthetic_shards
 from src.evaluation import LearningAlarm
-from src.metrics import read_metrics
 from src.parallel.dist import shutdown
+from src.run.metrics import read_metrics
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

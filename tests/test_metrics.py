@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from src.metrics import MetricsLogger, StepWindow, plot_loss, read_metrics, summary, truncate_after
+from src.metrics import plot_loss, summary
+from src.run.metrics import MetricsLogger, StepWindow, read_metrics, truncate_after
 
 
 def test_jsonl_rows_truncate_and_plot(tmp_path):
@@ -82,7 +83,7 @@ class _DeviceClock:
 def test_step_window_counts_the_device_work_still_queued_when_it_ends(monkeypatch):
     # a GPU returns from each step's launches at once; its kernels finish later. The window's time must run until
     # the loss read at the row has waited for them, not stop at the last launch.
-    import src.metrics as metrics
+    import src.run.metrics as metrics
 
     clock = _DeviceClock()
     monkeypatch.setattr(metrics.time, "perf_counter", clock.perf_counter)

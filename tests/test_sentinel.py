@@ -14,8 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from src.checkpoint import load_model_weights, step_tag
-from src.metrics import read_metrics
 from src.parallel.dist import shutdown
+from src.run.metrics import read_metrics
 from src.run.sentinel import Diverged, Quarantine, Sentinel, blame, standouts
 from tests.conftest import ROOT
 

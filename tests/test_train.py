@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from src.checkpoint import Moments, load_model_weights, step_tag
 from src.integrity import resume_tag
-from src.metrics import read_metrics
+from src.run.metrics import read_metrics
 from tests.conftest import ROOT, clean_env, tiny_model_kwargs
 from tests.numerics import (
     EPS32,

@@ -26,7 +26,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from src.cli import HelpFormatter
-from src.metrics import read_metrics
+from src.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 

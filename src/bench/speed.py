@@ -42,7 +42,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.cli import HelpFormatter
-from src.metrics import StepWindow, read_metrics
+from src.run.metrics import StepWindow, read_metrics
 from src.run.profiler import table as profile_table
 
 ROOT = Path(__file__).resolve().parents[2]

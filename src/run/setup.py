@@ -29,12 +29,12 @@ from src.diffusion.flow import FlowMatching
 from src.evaluation import Evaluator, validation_set
 from src.flops import peak_flops
 from src.integrity import resume_tag
-from src.metrics import LossBreakdown, StepWindow, truncate_after
 from src.parallel.construction import construction_for
 from src.parallel.dist import DistInfo, agree, init_distributed
 from src.parallel.engine import latest_tag
 from src.param_groups import ParamPlan
 from src.run.faults import Faults
+from src.run.metrics import LossBreakdown, StepWindow, truncate_after
 from src.run.preemption import StopRequest, clear_stale_stop
 from src.run.profiler import StepProfiler
 from src.run.resume import GlobalBatches, check_writable
