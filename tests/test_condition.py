@@ -247,7 +247,8 @@ def test_sample_with_an_image_starts_or_ends_on_that_image(tmp_path, monkeypatch
     the lossless patch VAE, and writes the mp4s."""
     from PIL import Image
 
-    from src.sample import condition_for, load_run, main, pick_shape, sample_prompts
+    from src.evaluation.sampling import condition_for, load_run, sample_prompts
+    from src.sample import main, pick_shape
 
     run_dir = tmp_path / "run"
     cfg = compose_run("+experiment=smoke", "parallel=local", "steps=2", "ckpt_every=2", "model.cond_channels=49",
@@ -290,7 +291,7 @@ def test_eval_images_sample_i2v_at_each_evaluation_on_the_given_frames(tmp_path,
     patch VAE), to H.264's rounding in the written file."""
     from PIL import Image
 
-    import src.sample
+    import src.evaluation.sampling as sampling
     from src.data.video import decode_clip, write_mp4
 
     decoded = {}  # "step_N/file name" -> the (3, T, H, W) video written there
@@ -299,7 +300,7 @@ def test_eval_images_sample_i2v_at_each_evaluation_on_the_given_frames(tmp_path,
         decoded[f"{path.parent.name}/{path.name}"] = video.clone()
         return write_mp4(path, video, fps)
 
-    monkeypatch.setattr(src.sample, "write_mp4", spy)
+    monkeypatch.setattr(sampling, "write_mp4", spy)
     ramp = torch.linspace(0, 255, 32).round()  # smooth, so H.264 keeps it nearly exact
     pixels = torch.stack([ramp[None].expand(32, 32), ramp[:, None].expand(32, 32), torch.full((32, 32), 200.0)], -1)
     Image.fromarray(pixels.to(torch.uint8).numpy()).save(tmp_path / "first.png")

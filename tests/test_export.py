@@ -176,7 +176,7 @@ def test_diffusers_export_passes_its_gate_and_imports_back_exactly(trained, tmp_
     assert parity["dtypes"] == ["float32" if dtype == "fp32" else "bfloat16"]
     assert (tmp_path / "flux" / "config.json").is_file() and (tmp_path / "flux" / "kiln_config.yaml").is_file()
     if dtype == "fp32":  # sampled from, and init_from a diffusers folder: exactly Kiln's original weights
-        from src.sample import load_run
+        from src.evaluation.sampling import load_run
 
         _, sampled, *_ = load_run(tmp_path / "flux")
         original, _ = load_model_weights(trained)

@@ -144,7 +144,8 @@ def judge_run(
     and judge_strip.png."""
     import torch
 
-    from src.sample import load_run, pick_shape, sample_prompts
+    from src.evaluation.sampling import load_run, sample_prompts
+    from src.sample import pick_shape
 
     run_dir = Path(run_dir)
     cfg, model, vae, text, tag = load_run(run_dir, ema=ema)

@@ -4,6 +4,7 @@ validation.py   held-out loss at fixed noise and timesteps, per timestep bin; ti
 health.py       statistics of generated videos as ratios to the data's; bounds -> alarms (pure)
 images.py       `eval.images`: fixed-prompt image-to-video entries, checked and encoded once at setup
 evaluator.py    the object the training loop calls once per step: `evaluator(engine, step)`
+sampling.py     a run's model loaded for sampling; prompts (and I2V frames) to videos: evaluation, judge, src.sample
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from src.diffusion.condition import cond_channels
 from src.evaluation.health import STATS, health_alarms, health_ratios, video_stats
 from src.evaluation.images import EvalImage, eval_images
+from src.evaluation.sampling import drop_duplicates, sample_prompts
 from src.evaluation.validation import PROBES, ValidationSet, evaluate
 from src.parallel.dist import all_sum_counts
-from src.sample import drop_duplicates, sample_prompts
 
 log = logging.getLogger("kiln.eval")
 ALARM_MODES = ("off", "warn", "stop")

@@ -3,8 +3,8 @@
 An entry is {prompt, image, type, tail}: `image` (a PNG/JPEG/WebP file, or a video whose first frame is taken) is the
 first frame for `type: i2v_head` (the default), the last for `i2v_tail`, the first for `i2v_loop`, whose last frame
 is `tail` (default: the same image, a loop back to it). Every rank encodes the images with the run's VAE once, so
-every rank can take part in each evaluation's forwards; the sampling itself is `src.sample.sample_prompts`, the path
-`python -m src.sample --image` takes.
+every rank can take part in each evaluation's forwards; the sampling itself is `sampling.sample_prompts`, the
+path `python -m src.sample --image` takes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from src.diffusion.condition import COND_TYPES
-from src.sample import encode_condition
+from src.evaluation.sampling import encode_condition
 
 ENTRY_KEYS = ("prompt", "image", "type", "tail")
 I2V_TYPES = tuple(name for name in COND_TYPES if name != "t2v")
