@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
-import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -23,7 +21,8 @@ import torch
 from src.integrity import MANIFEST, refusal, verify
 from src.models.diffusers_flux import from_diffusers, is_diffusers_flux
 from src.parallel.engine import latest_tag
-from src.safe_load import load_tensors, refuse_unsafe_files, refuse_unsafe_pickles
+from src.parallel.formats import format_of, reader_for
+from src.safe_load import refuse_unsafe_files
 
 log = logging.getLogger("kiln.checkpoint")
 
@@ -92,10 +91,11 @@ def is_released(path: str | Path) -> bool:
     path = Path(path)
     if path.is_file():
         return path.name.endswith(WEIGHT_SUFFIXES)
-    kiln = ("checkpoints", "latest", "export.json", "local_engine.pt")
+    kiln = ("checkpoints", "latest", "export.json")
     return (
         path.is_dir()
         and not any((path / k).exists() for k in kiln)
+        and format_of(path) is None
         and any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir())
     )
 
@@ -134,70 +134,12 @@ def load_model_weights(
         weights = {k: v.float() for k, v in load_file(Path(run_or_ckpt) / "model.safetensors").items()}
         return weights, f"export:{record['tag']}{' (EMA)' if record['ema'] else ''}"
     ckpt_dir, tag = _resolve(run_or_ckpt, tag)
-    return _read_checkpoint(ckpt_dir, tag, ema), tag
-
-
-def _read_checkpoint(ckpt_dir: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:
-    """The fp32 weights (or with `ema` the EMA) of the verified checkpoint `ckpt_dir/tag`, whichever engine wrote
-    it."""
-    from src.parallel import fsdp2
-
-    if fsdp2.is_checkpoint(ckpt_dir / tag):  # torch.distributed.checkpoint shards, read whatever the world size
-        return fsdp2.read_weights(ckpt_dir / tag, ema)
-    local = ckpt_dir / tag / "local_engine.pt"
-    if local.is_file():
-        blob = load_tensors(local)
-        weights = {k: v.float() for k, v in blob["module"].items()}
-        if ema:
-            if blob.get("ema") is None:
-                raise ValueError(f"{local} holds no EMA (the run had ema: null); read it without EMA")
-            weights.update(blob["ema"])
-        return weights
-    from src.parallel.deepspeed import _import_deepspeed
-
-    _import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    refuse_unsafe_pickles(sorted((ckpt_dir / tag).glob("*.pt")))  # DeepSpeed loads them with weights_only=False
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    weights = {k: v.float() for k, v in state.items()}
-    if ema:
-        weights.update(zero3_ema(ckpt_dir / tag))
-    return weights
-
-
-def _zero3_layout(folder: Path, world: int) -> dict[str, tuple[int, int, int, torch.Size]]:
-    """Where each trainable parameter sits in a ZeRO-3 checkpoint's per-rank fp32 flats:
-    name -> (sub-group, offset in each rank's flat, elements per rank, full shape)."""
-    shapes = load_tensors(zero3_ranked(folder, "*_model_states.pt")[0])
-    where = {}
-    for sub, group in enumerate(shapes["param_shapes"]):
-        offset = 0
-        for name, shape in group.items():
-            per_rank = math.ceil(shape.numel() / world)
-            where[name] = (sub, offset, per_rank, shape)
-            offset += per_rank
-    return where
-
-
-def _gather(where: tuple, per_rank_flats: list) -> torch.Tensor:
-    """One parameter's full tensor from every rank's shard of it (each rank's flats by sub-group index)."""
-    sub, offset, per_rank, shape = where
-    parts = [flats[sub].narrow(0, offset, per_rank) for flats in per_rank_flats]
-    return torch.cat(parts)[: shape.numel()].view(shape).float()
-
-
-def zero3_ema(folder: Path) -> dict[str, torch.Tensor]:
-    """The consolidated fp32 EMA of a ZeRO-3 checkpoint folder (written by `DeepSpeedEngine.save`)."""
-    files = sorted(folder.glob("ema_rank_*.pt"))
-    if not files:
-        raise ValueError(f"{folder} holds no EMA (the run had ema: null); read it without EMA")
-    ranks = [load_tensors(f, mmap=True) for f in files]
-    return {name: _gather(w, ranks) for name, w in _zero3_layout(folder, len(files)).items()}
+    return reader_for(ckpt_dir / tag).weights(ema), tag
 
 
 class Moments:
-    """AdamW moments of a checkpoint, per parameter name, whichever engine wrote it (read lazily).
+    """AdamW moments of a checkpoint, per parameter name, whichever engine wrote it (read lazily by its reader,
+    `src.parallel.formats.reader_for`).
 
     `steps[name]` is the AdamW step count of the parameter; iterating yields (name, exp_avg, exp_avg_sq) for
     the names asked for, one consolidated tensor pair at a time (ZeRO-3 shards are memory-mapped, not loaded).
@@ -205,74 +147,14 @@ class Moments:
 
     def __init__(self, run_or_ckpt: str | Path, tag: str | None = None):
         ckpt_dir, self.tag = _resolve(run_or_ckpt, tag)
-        folder = ckpt_dir / self.tag
-        from src.parallel import fsdp2
-
-        self._fsdp2 = fsdp2.Fsdp2Moments(folder) if fsdp2.is_checkpoint(folder) else None
-        if self._fsdp2 is not None:
-            self.steps = self._fsdp2.steps
-            return
-        if (folder / "local_engine.pt").is_file():
-            blob = load_tensors(folder / "local_engine.pt", mmap=True)
-            state = blob["optimizer"]["state"]
-            order = [n for group in blob["param_names"] for n in group]  # optimizer index -> name
-            self._local = {n: state[i] for i, n in enumerate(order) if i in state}
-            self.steps = {n: int(s["step"]) for n, s in self._local.items()}
-            return
-        self._local = None
-        self._zero3 = Zero3Moments(folder)
-        self.steps = self._zero3.steps
+        self._moments = reader_for(ckpt_dir / self.tag).moments()
+        self.steps = self._moments.steps
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         return self.select(self.steps)
 
     def select(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        if self._fsdp2 is not None:
-            yield from self._fsdp2.select(names)
-            return
-        if self._local is None:
-            yield from self._zero3.select(names)
-            return
-        for name in names:
-            yield name, self._local[name]["exp_avg"], self._local[name]["exp_avg_sq"]
-
-
-def zero3_ranked(folder: Path, pattern: str) -> list[Path]:
-    """The files of a ZeRO checkpoint folder matching `pattern` (e.g. `*_optim_states.pt`), in rank order."""
-    files = list(folder.glob(pattern))
-    return sorted(files, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name)[1]))
-
-
-class Zero3Moments:
-    """AdamW state of a ZeRO-3 checkpoint folder per parameter name, gathered from every rank's memory-mapped
-    flat shards one parameter at a time. A parameter whose sub-group holds no state (its group's moments were reset
-    by a freeze schedule and it has not stepped since) has none: it is left out of `steps`.
-
-    Also the optimizer's param groups as saved (`param_groups`: lr, betas, ..., `params` = sub-group indices) and
-    the parameter names of each sub-group (`sub_groups`)."""
-
-    def __init__(self, folder: Path):
-        files = zero3_ranked(Path(folder), "*_optim_states.pt")
-        if not files:
-            raise ValueError(f"{folder} holds neither local_engine.pt nor DeepSpeed *_optim_states.pt files")
-        blobs = [load_tensors(f, mmap=True)["optimizer_state_dict"] for f in files]
-        if blobs[0]["zero_stage"] != 3:
-            raise ValueError(
-                f"{folder}: reading optimizer state is implemented for ZeRO-3, not stage {blobs[0]['zero_stage']}"
-            )
-        self.param_groups = blobs[0]["optimizer_state_dict"]["param_groups"]
-        ranks = [b["optimizer_state_dict"]["state"] for b in blobs]  # per rank: sub-group -> AdamW state
-        layout = _zero3_layout(Path(folder), len(files))
-        subs = range(1 + max(w[0] for w in layout.values()))
-        self.sub_groups = [[n for n, w in layout.items() if w[0] == sub] for sub in subs]  # sub-group -> names
-        self._where = {n: w for n, w in layout.items() if w[0] in ranks[0]}
-        self.steps = {n: int(ranks[0][w[0]]["step"]) for n, w in self._where.items()}
-        self._flats = {key: [{sub: s[key] for sub, s in r.items()} for r in ranks] for key in ("exp_avg", "exp_avg_sq")}
-
-    def select(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        for name in names:
-            where = self._where[name]
-            yield name, _gather(where, self._flats["exp_avg"]), _gather(where, self._flats["exp_avg_sq"])
+        return self._moments.select(names)
 
 
 class WeightSource:
@@ -312,14 +194,6 @@ def open_model_weights(run_or_ckpt: str | Path, names: list[str]) -> WeightSourc
         return WeightSource(shapes, lambda k: read_safetensor(where[k][0], k), tag)
     elif not is_diffusers_flux(path):
         ckpt_dir, tag = _resolve(path, None)
-        folder = ckpt_dir / tag
-        from src.parallel import fsdp2
-
-        if fsdp2.is_checkpoint(folder):
-            shapes = fsdp2.model_shapes(folder)
-            return WeightSource(shapes, lambda k: fsdp2.read_tensors(folder, [f"model.{k}"])[f"model.{k}"], tag)
-        if (folder / "local_engine.pt").is_file():
-            module = load_tensors(folder / "local_engine.pt", mmap=True)["module"]  # mapped, not read
-            return WeightSource({k: v.shape for k, v in module.items()}, module.__getitem__, tag)
-        return WeightSource.whole(_read_checkpoint(ckpt_dir, tag, ema=False), tag)  # ZeRO: consolidated whole
+        shapes, read = reader_for(ckpt_dir / tag).weight_reader()  # ZeRO: consolidated whole, FSDP2 by tensor
+        return WeightSource(shapes, read, tag)
     return WeightSource.whole(*load_model_weights(path, names=names))

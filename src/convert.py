@@ -31,7 +31,6 @@ import shutil
 import sys
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,132 +40,28 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint import FileSystemWriter
 
-from src.checkpoint import Zero3Moments, check_intact, checkpoint_dir, zero3_ema, zero3_ranked
+from src.checkpoint import check_intact, checkpoint_dir
 from src.cli import HelpFormatter
 from src.config import CONF
 from src.integrity import MANIFEST, atomic_write, seal, step_folders, write_latest
 from src.parallel import fsdp2
 from src.parallel.engine import latest_tag
+from src.parallel.formats import TrainingState, reader_for
 from src.parallel.zero3_files import Zero3Target, write_zero3
 from src.param_groups import ParamPlan
-from src.safe_load import load_tensors
 
 TARGETS = ("fsdp2", "local", "zero3")
 RUN_FILES = ("metrics.jsonl", "trainable.jsonl", "transition.json", "skipped")
-# What DeepSpeed itself writes into each rank's *_model_states.pt; the rest is Kiln's loop state (client_state)
-DEEPSPEED_KEYS = frozenset(
-    {
-        "module",
-        "buffer_names",
-        "optimizer",
-        "param_shapes",
-        "frozen_param_shapes",
-        "shared_params",
-        "frozen_param_fragments",
-        "lr_scheduler",
-        "data_sampler",
-        "random_ltd",
-        "sparse_tensor_module_names",
-        "skipped_steps",
-        "global_steps",
-        "global_samples",
-        "dp_world_size",
-        "mp_world_size",
-        "checkpoint_parallel_dimensions",
-        "universal_checkpoint_info",
-        "ds_config",
-        "ds_version",
-    }
-)
-
-
-@dataclass
-class TrainingState:
-    """A checkpoint's training state, consolidated: what every engine saves, in no engine's layout."""
-
-    engine: str  # the engine that wrote it: zero3, fsdp2 or local
-    weights: dict[str, torch.Tensor]  # every model tensor, fp32, full
-    ema: dict[str, torch.Tensor] | None  # the EMA of the trainable ones (None: the run had ema: null)
-    groups: list[list[str]]  # the optimizer's param groups, by parameter name
-    lrs: list[float]  # each group's current learning rate
-    moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]]  # name -> (exp_avg, exp_avg_sq, AdamW step)
-    scheduler: dict  # the LR schedule's state_dict
-    loops: list[dict]  # each writing rank's loop state, in rank order
 
 
 def engine_of(folder: Path) -> str:
-    """Which engine wrote a checkpoint folder, from its files."""
-    if fsdp2.is_checkpoint(folder):
-        return "fsdp2"
-    if (folder / "local_engine.pt").is_file():
-        return "local"
-    if zero3_ranked(folder, "*zero_pp_rank_*_model_states.pt"):
-        return "zero3"
-    found = sorted(p.name for p in folder.iterdir())[:8]
-    raise ValueError(f"{folder} is no checkpoint of a Kiln engine (zero3, fsdp2, local): it holds {found}")
+    """Which engine's format a checkpoint folder is in, from its files (`src.parallel.formats`)."""
+    return reader_for(folder).name
 
 
 def read_state(folder: Path) -> TrainingState:
     """The training state of a checkpoint folder written by any engine (not verified here: see `convert`)."""
-    return {"zero3": _read_zero3, "fsdp2": _read_fsdp2, "local": _read_local}[engine_of(folder)](folder)
-
-
-def _read_zero3(folder: Path) -> TrainingState:
-    from src.parallel.deepspeed import _import_deepspeed
-
-    _import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    moments = Zero3Moments(folder)
-    ranks = [load_tensors(f) for f in zero3_ranked(folder, "*_model_states.pt")]
-    return TrainingState(
-        engine="zero3",
-        weights={k: v.float() for k, v in weights.items()},
-        ema=zero3_ema(folder) if any(folder.glob("ema_rank_*.pt")) else None,
-        groups=[[n for sub in g["params"] for n in moments.sub_groups[sub]] for g in moments.param_groups],
-        lrs=[g["lr"] for g in moments.param_groups],
-        moments={n: (m, v, moments.steps[n]) for n, m, v in moments.select(moments.steps)},
-        scheduler=ranks[0]["lr_scheduler"],
-        loops=[{k: v for k, v in r.items() if k not in DEEPSPEED_KEYS} for r in ranks],
-    )
-
-
-def _read_fsdp2(folder: Path) -> TrainingState:
-    record = json.loads((folder / fsdp2.MARKER).read_text())
-    weights = fsdp2.read_weights(folder)
-    ema = None
-    if record["ema"]:
-        trained = fsdp2.read_weights(folder, ema=True)  # the EMA in place of every trained weight
-        ema = {n: trained[n] for g in record["groups"] for n in g}
-    moments = fsdp2.Fsdp2Moments(folder)
-    return TrainingState(
-        engine="fsdp2",
-        weights=weights,
-        ema=ema,
-        groups=record["groups"],
-        lrs=record["lrs"],
-        moments={n: (m, v, moments.steps[n]) for n, m, v in moments.select(moments.steps)},
-        scheduler=record["scheduler"],
-        loops=[load_tensors(f) for f in sorted(folder.glob("loop_rank_*.pt"))],
-    )
-
-
-def _read_local(folder: Path) -> TrainingState:
-    blob = load_tensors(folder / "local_engine.pt")
-    order = [n for group in blob["param_names"] for n in group]  # optimizer index -> name
-    return TrainingState(
-        engine="local",
-        weights={k: v.float() for k, v in blob["module"].items()},
-        ema=blob["ema"],
-        groups=blob["param_names"],
-        lrs=[g["lr"] for g in blob["optimizer"]["param_groups"]],
-        moments={
-            order[i]: (s["exp_avg"], s["exp_avg_sq"], int(s["step"])) for i, s in blob["optimizer"]["state"].items()
-        },
-        scheduler=blob["scheduler"],
-        loops=[blob["state"]],
-    )
+    return reader_for(folder).training_state()
 
 
 def write_fsdp2(state: TrainingState, folder: Path, sp_size: int) -> None:
@@ -309,7 +204,7 @@ def convert(run_dir: Path, out_dir: Path, target: str, tag: str | None = None, w
         raise ValueError(f"no checkpoint {tag or '(latest)'} in {checkpoint_dir(run_dir)}; present: {found}")
     check_intact(folder)  # every file against the manifest; no pickle that would run code
     source = engine_of(folder)
-    if source == target == "zero3" and len(zero3_ranked(folder, "*_optim_states.pt")) == world:
+    if source == target == "zero3" and reader_for(folder).world_size == world:
         raise ValueError(f"{folder} is already a zero3 checkpoint of {world} ranks: it resumes on {world} as it is")
     if source == target != "zero3":
         raise ValueError(

@@ -28,8 +28,7 @@ import pytest
 import torch
 
 from src.checkpoint import Moments, load_model_weights, step_tag
-from src.convert import DEEPSPEED_KEYS
-from src.parallel.deepspeed import check_zero_world
+from src.parallel.deepspeed import DEEPSPEED_KEYS, check_zero_world
 from src.safe_load import load_tensors
 from tests import test_train
 from tests.conftest import ROOT, clean_env

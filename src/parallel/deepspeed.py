@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from src.parallel.engine import (
     refuse_unreadable,
     update_ema,
 )
+from src.parallel.formats import CheckpointReader, TrainingState
 from src.parallel.transforms import prepare_model
 from src.safe_load import load_tensors, refuse_unsafe_pickles
 
@@ -144,6 +147,150 @@ def check_zero_world(folder: Path, world: int) -> None:
         )
 
 
+# What DeepSpeed itself writes into each rank's *_model_states.pt; the rest is Kiln's loop state (client_state)
+DEEPSPEED_KEYS = frozenset(
+    {
+        "module",
+        "buffer_names",
+        "optimizer",
+        "param_shapes",
+        "frozen_param_shapes",
+        "shared_params",
+        "frozen_param_fragments",
+        "lr_scheduler",
+        "data_sampler",
+        "random_ltd",
+        "sparse_tensor_module_names",
+        "skipped_steps",
+        "global_steps",
+        "global_samples",
+        "dp_world_size",
+        "mp_world_size",
+        "checkpoint_parallel_dimensions",
+        "universal_checkpoint_info",
+        "ds_config",
+        "ds_version",
+    }
+)
+
+
+def zero3_ranked(folder: Path, pattern: str) -> list[Path]:
+    """The files of a ZeRO checkpoint folder matching `pattern` (e.g. `*_optim_states.pt`), in rank order."""
+    files = list(folder.glob(pattern))
+    return sorted(files, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name)[1]))
+
+
+def _zero3_layout(folder: Path, world: int) -> dict[str, tuple[int, int, int, torch.Size]]:
+    """Where each trainable parameter sits in a ZeRO-3 checkpoint's per-rank fp32 flats:
+    name -> (sub-group, offset in each rank's flat, elements per rank, full shape)."""
+    shapes = load_tensors(zero3_ranked(folder, "*_model_states.pt")[0])
+    where = {}
+    for sub, group in enumerate(shapes["param_shapes"]):
+        offset = 0
+        for name, shape in group.items():
+            per_rank = math.ceil(shape.numel() / world)
+            where[name] = (sub, offset, per_rank, shape)
+            offset += per_rank
+    return where
+
+
+def _gather(where: tuple, per_rank_flats: list) -> torch.Tensor:
+    """One parameter's full tensor from every rank's shard of it (each rank's flats by sub-group index)."""
+    sub, offset, per_rank, shape = where
+    parts = [flats[sub].narrow(0, offset, per_rank) for flats in per_rank_flats]
+    return torch.cat(parts)[: shape.numel()].view(shape).float()
+
+
+def zero3_ema(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The consolidated fp32 EMA of a ZeRO-3 checkpoint folder (written by `DeepSpeedEngine.save`); None when the
+    run kept none."""
+    files = sorted(folder.glob("ema_rank_*.pt"))
+    if not files:
+        return None
+    ranks = [load_tensors(f, mmap=True) for f in files]
+    return {name: _gather(w, ranks) for name, w in _zero3_layout(folder, len(files)).items()}
+
+
+class Zero3Moments:
+    """AdamW state of a ZeRO-3 checkpoint folder per parameter name, gathered from every rank's memory-mapped
+    flat shards one parameter at a time. A parameter whose sub-group holds no state (its group's moments were reset
+    by a freeze schedule and it has not stepped since) has none: it is left out of `steps`.
+
+    Also the optimizer's param groups as saved (`param_groups`: lr, betas, ..., `params` = sub-group indices) and
+    the parameter names of each sub-group (`sub_groups`)."""
+
+    def __init__(self, folder: Path):
+        files = zero3_ranked(Path(folder), "*_optim_states.pt")
+        if not files:
+            raise ValueError(f"{folder} holds no DeepSpeed *_optim_states.pt files")
+        blobs = [load_tensors(f, mmap=True)["optimizer_state_dict"] for f in files]
+        if blobs[0]["zero_stage"] != 3:
+            raise ValueError(
+                f"{folder}: reading optimizer state is implemented for ZeRO-3, not stage {blobs[0]['zero_stage']}"
+            )
+        self.param_groups = blobs[0]["optimizer_state_dict"]["param_groups"]
+        ranks = [b["optimizer_state_dict"]["state"] for b in blobs]  # per rank: sub-group -> AdamW state
+        layout = _zero3_layout(Path(folder), len(files))
+        subs = range(1 + max(w[0] for w in layout.values()))
+        self.sub_groups = [[n for n, w in layout.items() if w[0] == sub] for sub in subs]  # sub-group -> names
+        self._where = {n: w for n, w in layout.items() if w[0] in ranks[0]}
+        self.steps = {n: int(ranks[0][w[0]]["step"]) for n, w in self._where.items()}
+        self._flats = {key: [{sub: s[key] for sub, s in r.items()} for r in ranks] for key in ("exp_avg", "exp_avg_sq")}
+
+    def select(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        for name in names:
+            where = self._where[name]
+            yield name, _gather(where, self._flats["exp_avg"]), _gather(where, self._flats["exp_avg_sq"])
+
+
+class ZeroCheckpoint(CheckpointReader):
+    """A DeepSpeed checkpoint folder: each rank's `*_model_states.pt` (module, param shapes, LR schedule, Kiln's
+    loop state as client_state) and `*_optim_states.pt` (its fp32 master flats and AdamW state), and Kiln's
+    `ema_rank_N.pt` (each rank's EMA flats). Read memory-mapped; DeepSpeed's own consolidation for the weights, which
+    unpickles with weights_only=False, after `refuse_unsafe_pickles` has vetted every file."""
+
+    name = "zero3"
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @classmethod
+    def recognises(cls, folder: Path) -> bool:
+        return any(Path(folder).glob("*_model_states.pt"))  # zero_pp_rank_N_mp_rank_00_ (ZeRO-3), mp_rank_00_ (1/2)
+
+    @property
+    def world_size(self) -> int:
+        return len(zero3_ranked(self.folder, "*zero_pp_rank_*_optim_states.pt"))
+
+    def model_weights(self) -> dict[str, torch.Tensor]:
+        _import_deepspeed()
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        refuse_unsafe_pickles(sorted(self.folder.glob("*.pt")))  # DeepSpeed loads them with weights_only=False
+        state = get_fp32_state_dict_from_zero_checkpoint(str(self.folder.parent), tag=self.folder.name)
+        return {k: v.float() for k, v in state.items()}
+
+    def ema_weights(self) -> dict[str, torch.Tensor] | None:
+        return zero3_ema(self.folder)
+
+    def moments(self) -> Zero3Moments:
+        return Zero3Moments(self.folder)
+
+    def training_state(self) -> TrainingState:
+        moments = self.moments()
+        ranks = [load_tensors(f) for f in zero3_ranked(self.folder, "*_model_states.pt")]
+        return TrainingState(
+            engine=self.name,
+            weights=self.model_weights(),
+            ema=self.ema_weights(),
+            groups=[[n for sub in g["params"] for n in moments.sub_groups[sub]] for g in moments.param_groups],
+            lrs=[g["lr"] for g in moments.param_groups],
+            moments={n: (m, v, moments.steps[n]) for n, m, v in moments.select(moments.steps)},
+            scheduler=ranks[0]["lr_scheduler"],
+            loops=[{k: v for k, v in r.items() if k not in DEEPSPEED_KEYS} for r in ranks],
+        )
+
+
 class DeepSpeedEngine:
     """ZeRO-sharded training of `model` with a client (PyTorch) optimizer and LR schedule.
 
@@ -159,6 +306,8 @@ class DeepSpeedEngine:
         zero_options: more `zero_optimization` keys for DeepSpeed (bucket sizes, persistence threshold, ...).
         reduce_dtype: "fp32" (default) or "bf16": the dtype gradients are reduced in (`ds_config`).
     """
+
+    checkpoint_format = ZeroCheckpoint
 
     @classmethod
     def construction(

@@ -26,11 +26,14 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+if TYPE_CHECKING:
+    from src.parallel.formats import CheckpointReader
 
 PRECISIONS = ("fp32", "bf16")
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 class Engine(Protocol):
     module: nn.Module
+    checkpoint_format: ClassVar[type[CheckpointReader]]  # reads its checkpoints offline (`src.parallel.formats`)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor: ...
 

@@ -17,8 +17,9 @@ The device never holds more than one block in full (measured in docs/parallel.md
 Checkpoints (`RUN_DIR/checkpoints/step_N/`) are torch.distributed.checkpoint (DCP) folders that any world size
 reads back, resharded: `.metadata` + one `__<rank>_0.distcp` per writing rank holding the flat keys
 `model.<name>`, `ema.<name>` and `optim.<name>.{exp_avg,exp_avg_sq,step}`, plus `fsdp2.json` (scheduler state,
-group LRs, the world it was written on) and `loop_rank_<r>.pt` (the loop's step, data position, RNG). `read_weights`
-and `Fsdp2Moments` read them without a process group (sampling, export, `init_from`, optimizer carry-over).
+group LRs, the world it was written on) and `loop_rank_<r>.pt` (the loop's step, data position, RNG).
+`Fsdp2Checkpoint` (the engine's `checkpoint_format`) reads them without a process group (sampling, export,
+`init_from`, optimizer carry-over, `src.convert`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from src.parallel.engine import (
     refuse_unreadable,
     update_ema,
 )
+from src.parallel.formats import CheckpointReader, TrainingState
 from src.parallel.transforms import prepare_model
 from src.safe_load import load_tensors
 
@@ -365,25 +367,12 @@ def model_shapes(folder: Path) -> dict[str, torch.Size]:
     return {k.removeprefix("model."): meta[k].size for k in _prefixed(meta, "model.")}
 
 
-def read_weights(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
-    """The fp32 model weights of an FSDP2 checkpoint; with `ema` the EMA replaces every trained parameter."""
-    folder = Path(folder)
-    keys = list(FileSystemReader(folder).read_metadata().state_dict_metadata)
-    weights = {k.removeprefix("model."): v.float() for k, v in read_tensors(folder, _prefixed(keys, "model.")).items()}
-    if ema:
-        averaged = _prefixed(keys, "ema.")
-        if not averaged:
-            raise ValueError(f"{folder} holds no EMA (the run had ema: null); read it without EMA")
-        weights |= {k.removeprefix("ema."): v for k, v in read_tensors(folder, averaged).items()}
-    return weights
-
-
 def _prefixed(keys: Iterable[str], prefix: str) -> list[str]:
     return [k for k in keys if k.startswith(prefix)]
 
 
 class Fsdp2Moments:
-    """AdamW moments of an FSDP2 checkpoint per parameter name (`src.checkpoint.Moments` for this engine)."""
+    """AdamW moments of an FSDP2 checkpoint per parameter name (`src.parallel.formats.MomentsReader`)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -396,3 +385,61 @@ class Fsdp2Moments:
         for name in names:
             pair = read_tensors(self.folder, [f"optim.{name}.{key}" for key in MOMENTS])
             yield name, *pair.values()
+
+
+class Fsdp2Checkpoint(CheckpointReader):
+    """An FSDP2 checkpoint folder, read in this process whatever the world size that wrote it (layout: the module
+    docstring). Complete once `fsdp2.json` is there."""
+
+    name = "fsdp2"
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.record = json.loads((self.folder / MARKER).read_text())
+        self.keys = list(FileSystemReader(self.folder).read_metadata().state_dict_metadata)
+
+    @classmethod
+    def recognises(cls, folder: Path) -> bool:
+        return is_checkpoint(folder)
+
+    @property
+    def world_size(self) -> int:
+        return self.record["world_size"]
+
+    def _read(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor under `prefix`, full, by its name without the prefix."""
+        read = read_tensors(self.folder, _prefixed(self.keys, prefix))
+        return {k.removeprefix(prefix): v for k, v in read.items()}
+
+    def model_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.float() for k, v in self._read("model.").items()}
+
+    def ema_weights(self) -> dict[str, torch.Tensor] | None:
+        return self._read("ema.") or None
+
+    def weight_reader(self) -> tuple[dict[str, torch.Size], Callable[[str], torch.Tensor]]:
+        return model_shapes(self.folder), lambda key: read_tensors(self.folder, [f"model.{key}"])[f"model.{key}"]
+
+    def moments(self) -> Fsdp2Moments:
+        return Fsdp2Moments(self.folder)
+
+    def training_state(self) -> TrainingState:
+        record = self.record
+        ema = None
+        if record["ema"]:
+            averaged = self.ema_weights()
+            ema = {n: averaged[n] for g in record["groups"] for n in g}  # the trained parameters, in group order
+        moments = self.moments()
+        return TrainingState(
+            engine=self.name,
+            weights=self.model_weights(),
+            ema=ema,
+            groups=record["groups"],
+            lrs=record["lrs"],
+            moments={n: (m, v, moments.steps[n]) for n, m, v in moments.select(moments.steps)},
+            scheduler=record["scheduler"],
+            loops=[load_tensors(f) for f in sorted(self.folder.glob("loop_rank_*.pt"))],
+        )
+
+
+FSDP2Engine.checkpoint_format = Fsdp2Checkpoint  # the reader is defined after the engine class, beside its helpers

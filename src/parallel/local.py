@@ -3,7 +3,7 @@ and the simplest engine to debug the model with."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -18,12 +18,87 @@ from src.parallel.engine import (
     refuse_unreadable,
     update_ema,
 )
+from src.parallel.formats import CheckpointReader, TrainingState
 from src.parallel.transforms import prepare_model
 from src.safe_load import load_tensors
+
+FILE = "local_engine.pt"  # a local checkpoint folder holds this one file (and the manifest)
+
+
+class LocalCheckpoint(CheckpointReader):
+    """A local engine's checkpoint folder: `local_engine.pt`, one torch.save of the module's state dict, the
+    optimizer's (state by position in `param_names`, the groups' parameter names), the scheduler's, the EMA
+    (name -> fp32 tensor, or None) and the loop state. Loaded `weights_only`, memory-mapped."""
+
+    name = "local"
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._blob: dict | None = None
+
+    @classmethod
+    def recognises(cls, folder: Path) -> bool:
+        return (Path(folder) / FILE).is_file()
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def blob(self) -> dict:
+        if self._blob is None:
+            self._blob = load_tensors(self.folder / FILE, mmap=True)
+        return self._blob
+
+    def model_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.float() for k, v in self.blob["module"].items()}
+
+    def ema_weights(self) -> dict[str, torch.Tensor] | None:
+        return self.blob.get("ema")
+
+    def weight_reader(self) -> tuple[dict[str, torch.Size], Callable[[str], torch.Tensor]]:
+        module = self.blob["module"]  # memory-mapped: a tensor is read when it is used
+        return {k: v.shape for k, v in module.items()}, module.__getitem__
+
+    def _optimizer_state(self) -> dict[str, dict]:
+        """The AdamW state of each parameter that has one, by name (the optimizer keeps it by position)."""
+        state = self.blob["optimizer"]["state"]
+        order = [n for group in self.blob["param_names"] for n in group]  # optimizer index -> name
+        return {n: state[i] for i, n in enumerate(order) if i in state}
+
+    def moments(self) -> LocalMoments:
+        return LocalMoments(self._optimizer_state())
+
+    def training_state(self) -> TrainingState:
+        blob = self.blob
+        return TrainingState(
+            engine=self.name,
+            weights=self.model_weights(),
+            ema=blob["ema"],
+            groups=blob["param_names"],
+            lrs=[g["lr"] for g in blob["optimizer"]["param_groups"]],
+            moments={n: (s["exp_avg"], s["exp_avg_sq"], int(s["step"])) for n, s in self._optimizer_state().items()},
+            scheduler=blob["scheduler"],
+            loops=[blob["state"]],
+        )
+
+
+class LocalMoments:
+    """AdamW moments of a local checkpoint by parameter name (`src.parallel.formats.MomentsReader`)."""
+
+    def __init__(self, state: dict[str, dict]):
+        self._state = state
+        self.steps = {n: int(s["step"]) for n, s in state.items()}
+
+    def select(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        for name in names:
+            yield name, self._state[name]["exp_avg"], self._state[name]["exp_avg_sq"]
 
 
 class LocalEngine:
     """Same contract as `DeepSpeedEngine`; fp32 or bf16 autocast (fp32 weights)."""
+
+    checkpoint_format = LocalCheckpoint
 
     def __init__(
         self,
@@ -91,14 +166,14 @@ class LocalEngine:
             "ema": self.ema,
             "state": state,
         }
-        torch.save(blob, out / "local_engine.pt.tmp")
-        (out / "local_engine.pt.tmp").replace(out / "local_engine.pt")  # src.integrity seals it, moves `latest`
+        torch.save(blob, out / f"{FILE}.tmp")
+        (out / f"{FILE}.tmp").replace(out / FILE)  # src.integrity seals it, moves `latest`
 
     def load(self, ckpt_dir: Path) -> dict | None:
         tag = latest_tag(ckpt_dir)
         if tag is None:
             return None
-        path = Path(ckpt_dir) / tag / "local_engine.pt"
+        path = Path(ckpt_dir) / tag / FILE
         if not path.is_file():
             raise ValueError(f"checkpoint {tag!r} has no {path.name} (was it written by another engine?)")
         try:
