@@ -4,7 +4,8 @@ import logging
 
 import pytest
 
-from src.data.bucket_report import collapsed_aspect_ratios, format_report, main
+from src.data.bucket_report import main
+from src.data.bucket_table import collapsed_aspect_ratios, format_report
 from src.data.buckets import BucketConfig
 from src.data.catalog import SampleInfo, ShardInfo
 from src.data.plan import Planner
@@ -89,8 +90,8 @@ def test_an_unknown_bucket_config_is_named():
 
 def test_training_logs_the_table_and_the_merge_warning_at_scan(caplog, tmp_path):
     buckets = BucketConfig({"32px": {"8": [1.0, 2]}}, aspect_ratios=["1:1", "4:3"], size_multiple=32)
-    with caplog.at_level(logging.INFO, logger="src.data.bucket_report"):
+    with caplog.at_level(logging.INFO, logger="src.data.bucket_table"):
         VideoShardDataset(SHARDS, buckets, skip_dir=tmp_path)
-    messages = [r.getMessage() for r in caplog.records if r.name == "src.data.bucket_report"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "src.data.bucket_table"]
     assert any("32px/8f/32x32" in m and "samples" in m for m in messages), messages
     assert any("aspect ratios 1:1, 4:3 all become 32x32" in m for m in messages), messages

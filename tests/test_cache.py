@@ -16,11 +16,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from src.data.cached import FeatureReader
+from src.data.preprocess import preprocess
 from src.data.provenance import ProvenanceError, check_provenance, expected_provenance
 from src.data.shards import ClipOptions
 from src.models.provenance import config_provenance
 from src.models.vae.posterior import sample_posterior
-from src.preprocess import preprocess
 from src.run.metrics import read_metrics
 from tests.conftest import ROOT
 from tests.test_train import run

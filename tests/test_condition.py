@@ -217,7 +217,7 @@ def test_stage2_tiny_caches_the_given_frames_and_trains_t2v_and_i2v(tmp_path, mo
 
     from src.checkpoint import load_model_weights
     from src.data.cached import FeatureReader
-    from src.preprocess import preprocess
+    from src.data.preprocess import preprocess
 
     overrides = ["+experiment=stage2_tiny", f"data.urls={tmp_path / 'cache'}", "init_from=null", "parallel=local",
                  "steps=3", "ckpt_every=3", "optim.groups=[]", "optim.schedule=[]", "ema=null"]  # fmt: skip

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load as load_tensors
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from src.data.bucket_report import log_bucket_report
+from src.data.bucket_table import log_bucket_report
 from src.data.buckets import Bucket, BucketConfig
 from src.data.catalog import SampleInfo, ShardInfo, Skip, expand_urls, is_local, local_path, read_at
 from src.data.feature_shards import HEADER_KEY, index_tar, sidecar_path

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from src.data.bucket_report import log_bucket_report
+from src.data.bucket_table import log_bucket_report
 from src.data.buckets import Bucket, BucketConfig
 from src.data.catalog import MemberReader, SampleInfo, ShardInfo, Skip, expand_urls, scan_shards
 from src.data.holdout import split as holdout_split
