@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from src.cli import HelpFormatter
+from src.parallel.memory import run_workers
 
 PHASES = ("build", "load", "engine")
 GIB = 1024**3
@@ -52,11 +49,11 @@ def _measure(out: Path, engine_name: str, model_kwargs: dict, init_from: str | N
     from omegaconf import OmegaConf
 
     from src.config import CONF
-    from src.curriculum import apply_transition
     from src.models.mmdit import MMDiT
     from src.parallel.construction import construction_for
     from src.parallel.dist import all_gather_objects, init_distributed, shutdown
     from src.parallel.engine import warmup_schedule
+    from src.run.transitions import apply_transition
 
     info = init_distributed("gloo")
     build_engine = instantiate(OmegaConf.load(CONF / "parallel" / f"{engine_name}.yaml"))
@@ -92,29 +89,9 @@ def _measure(out: Path, engine_name: str, model_kwargs: dict, init_from: str | N
 
 def run(engine: str, ranks: int, model_kwargs: dict, init_from: str | None) -> dict:
     """The figures of `ranks` gloo ranks building the model for `engine` (a fresh torchrun)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "build_memory.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={ranks}",
-            "-m",
-            "src.parallel.build_memory",
-            "--worker",
-            str(out),
-            "--engine",
-            engine,
-            "--model-kwargs",
-            json.dumps(model_kwargs),
-            *(["--init-from", init_from] if init_from else []),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode:
-            raise RuntimeError(f"{engine} on {ranks} ranks failed:\n{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
+    args = ["--engine", engine, "--model-kwargs", json.dumps(model_kwargs)]
+    args += ["--init-from", init_from] if init_from else []
+    return run_workers("src.parallel.build_memory", ranks, args, engine)
 
 
 def worst_rise(result: dict, phase: str) -> int:

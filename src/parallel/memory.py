@@ -72,29 +72,24 @@ def _measure(out: Path, model_overrides: dict, precision: str) -> None:
     dist.destroy_process_group()
 
 
+def run_workers(module: str, ranks: int, worker_args: list[str], what: str) -> dict:
+    """Run `python -m <module> --worker OUT <worker_args>` on `ranks` gloo ranks (a fresh torchrun, one thread and
+    DeepSpeed's CPU accelerator unless DS_ACCELERATOR says otherwise) and return the JSON its rank 0 writes to OUT;
+    a failed run raises with its ranks' stderr."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        cmd += ["-m", module, "--worker", str(out), *worker_args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"{what} on {ranks} ranks failed:\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
 def run(ranks: list[int], model_overrides: dict, precision: str) -> list[dict]:
-    results = []
-    for n in ranks:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "memory.json"
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={n}",
-                "-m",
-                "src.parallel.memory",
-                "--worker",
-                str(out),
-                "--model",
-                json.dumps(model_overrides),
-                "--precision",
-                precision,
-            ]
-            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            results.append(json.loads(out.read_text()))
-    return results
+    args = ["--model", json.dumps(model_overrides), "--precision", precision]
+    return [run_workers("src.parallel.memory", n, args, "ZeRO-3") for n in ranks]
 
 
 def table(results: list[dict]) -> str:
