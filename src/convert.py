@@ -48,7 +48,7 @@ from src.parallel import fsdp2
 from src.parallel.engine import latest_tag
 from src.parallel.formats import TrainingState, reader_for
 from src.parallel.zero3_files import Zero3Target, write_zero3
-from src.param_groups import ParamPlan
+from src.run.param_groups import ParamPlan
 
 TARGETS = ("fsdp2", "local", "zero3")
 RUN_FILES = ("metrics.jsonl", "trainable.jsonl", "transition.json", "skipped")

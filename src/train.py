@@ -30,8 +30,8 @@ from src.integrity import POLICIES, save_checkpoint
 from src.parallel.dist import all_gather_objects, all_mean, all_sum_counts, barrier
 from src.parallel.engine import ema_decay, latest_tag
 from src.parallel.sp_guard import check_sequence_batches
-from src.param_groups import enter_phase
 from src.run.metrics import truncate_after
+from src.run.param_groups import enter_phase
 from src.run.sentinel import DIVERGED_EXIT, Diverged, Quarantine, Sentinel, Verdict, append_jsonl, blame, standouts
 from src.run.setup import Position, Run, setup
 

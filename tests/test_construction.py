@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from src.curriculum import apply_transition
 from src.models.mmdit import MMDiT
 from src.parallel.construction import construction_for
 from src.parallel.engine import warmup_schedule
+from src.run.transitions import apply_transition
 from tests.conftest import tiny_model_kwargs
 
 KWARGS = {"cond_channels": 49}  # the tiny model with an I2V input: a second layer zeroed through Module.apply

@@ -11,9 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from src.checkpoint import Moments, load_model_weights
-from src.curriculum import apply_transition, plan_transition
 from src.models.mmdit import MMDiT
 from src.run.metrics import read_metrics
+from src.run.transitions import apply_transition, plan_transition
 from tests.conftest import ROOT, clean_env, tiny_model_kwargs
 from tests.numerics import EPS32, accumulation_length, adam_drift_bound
 from tests.test_train import EVERY_STEP, PARITY_EPS, _adamw, _within, first_step_atols, run

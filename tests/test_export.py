@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import src.export as export_module
 from src.checkpoint import load_model_weights
-from src.curriculum import apply_transition
 from src.export import BF16_TOLERANCE, ParityError, export, parity_gate
+from src.run.transitions import apply_transition
 from tests.conftest import ROOT
 from tests.test_train import PARITY_EPS, train
 

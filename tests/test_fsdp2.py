@@ -28,8 +28,8 @@ from src.integrity import save_checkpoint
 from src.models.mmdit import MMDiT
 from src.parallel.engine import warmup_schedule
 from src.parallel.fsdp2 import FSDP2Engine
-from src.param_groups import ParamPlan, enter_phase
 from src.run.metrics import read_metrics
+from src.run.param_groups import ParamPlan, enter_phase
 from tests import test_train
 from tests.conftest import tiny_model_kwargs
 from tests.numerics import accumulation_length, adam_moments_atol, adam_update_atol, rounding_atol

@@ -1,4 +1,4 @@
-"""Freeze rules, per-group learning rates and schedules (src/param_groups.py).
+"""Freeze rules, per-group learning rates and schedules (src/run/param_groups.py).
 
 - the rules give the expected trainable counts and LR factors; bad rules are refused by name;
 - with the plain engine, frozen weights stay bit-identical and never enter the optimizer, and a schedule
@@ -17,7 +17,7 @@ from src.checkpoint import load_model_weights
 from src.models.mmdit import MMDiT
 from src.parallel.engine import warmup_schedule
 from src.parallel.local import LocalEngine
-from src.param_groups import ParamPlan, enter_phase
+from src.run.param_groups import ParamPlan, enter_phase
 from tests.conftest import tiny_model_kwargs
 from tests.test_engine import batch
 from tests.test_train import PARITY_EPS, train

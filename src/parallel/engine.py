@@ -79,7 +79,7 @@ def warmup_schedule(
     """Linear warmup from lr / warmup_steps to lr over `warmup_steps` steps, then constant (Open-Sora).
 
     `group_factors(group, step)` multiplies each param group's LR (freeze rules, lr_scale and per-group warmup
-    from `src.param_groups.ParamPlan.lr_factor`).
+    from `src.run.param_groups.ParamPlan.lr_factor`).
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")

@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from src.checkpoint import checkpoint_dir, set_rng_state
-from src.curriculum import apply_transition, carry_moments
 from src.diffusion.condition import check_condition_input
 from src.diffusion.flow import FlowMatching
 from src.evaluation import Evaluator, validation_set
@@ -32,13 +31,14 @@ from src.integrity import resume_tag
 from src.parallel.construction import construction_for
 from src.parallel.dist import DistInfo, agree, init_distributed
 from src.parallel.engine import latest_tag
-from src.param_groups import ParamPlan
 from src.run.faults import Faults
 from src.run.metrics import LossBreakdown, StepWindow, truncate_after
+from src.run.param_groups import ParamPlan
 from src.run.preemption import StopRequest, clear_stale_stop
 from src.run.profiler import StepProfiler
 from src.run.resume import GlobalBatches, check_writable
 from src.run.sentinel import Quarantine, Sentinel
+from src.run.transitions import apply_transition, carry_moments
 from src.run.watchdog import Watchdog
 
 log = logging.getLogger("kiln.train")
