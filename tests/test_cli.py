@@ -28,3 +28,17 @@ def test_every_cli_uses_the_help_formatter():
             assert "formatter_class=HelpFormatter" in call, path
             clis += 1
     assert clis >= 16  # src.sample, src.export, src.stages, src.data.write, the benchmarks...
+
+
+def test_the_readme_layout_names_every_module_of_src():
+    # the README's layout section is the map a newcomer reads first: every module of src/ is on it, in its room
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :].split("```")[1]
+    missing = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "src").rglob("*.py"))
+        if path.name not in ("__init__.py", "__main__.py")
+        and str(path.relative_to(ROOT)) not in layout
+        and not (path.name in layout and f"src/{path.parent.relative_to(ROOT / 'src')}/" in layout)
+    ]
+    assert not missing, f"README.md's layout does not name {missing}"

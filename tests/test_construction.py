@@ -3,7 +3,7 @@
 - ZeRO-3 builds the model under `deepspeed.zero.Init`: the same weights, bitwise (and the same fp32 master weights
   and RNG state after construction), as today's build of the whole model on every rank, on 1 and 2 ranks; each
   rank holds 1/N of the parameters; `init_from` loads into the partitions;
-- the per-rank construction peak of host memory shrinks with the number of ranks (`src.parallel.build_memory`).
+- the per-rank construction peak of host memory shrinks with the number of ranks (`src.bench.build_memory`).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_init_from_loads_into_zero3_partitions(tmp_path):
 
 @pytest.mark.dist
 def test_the_zero3_construction_peak_per_rank_shrinks_with_the_ranks():
-    from src.parallel.build_memory import PHASES, run, worst_rise
+    from src.bench.build_memory import PHASES, run, worst_rise
 
     # 28M parameters (113 MB in fp32): the parameters, not the constant, dominate the rise
     kwargs = tiny_model_kwargs(hidden=512, heads=4, axes_dim=[32, 48, 48], depth_double=2, depth_single=2)

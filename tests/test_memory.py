@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from src.parallel.memory import FIELDS, run, table
+from src.bench.memory import FIELDS, run, table
 from tests.conftest import tiny_model_kwargs
 
 pytestmark = pytest.mark.dist

@@ -9,7 +9,7 @@ the count at (text + video tokens) / S. With full activation checkpointing a ran
 during backward, one block's recomputed activations.
 
 This is what decides `parallel.sp_size`: the smallest S whose activations, plus the ZeRO-3 model states
-(`python -m src.parallel.memory`) and the gathered weights of a block, fit the GPU (docs/parallel.md).
+(`python -m src.bench.memory`) and the gathered weights of a block, fit the GPU (docs/parallel.md).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ host in construction order):
   (`deepspeed.zero.Init`), so a rank holds its partition plus one module's full parameters at most; rank 0 reads
   `init_from` and each gathered parameter is broadcast and re-partitioned.
 
-Measured per rank in docs/BENCHMARKS.md (`python -m src.parallel.build_memory`).
+Measured per rank in docs/BENCHMARKS.md (`python -m src.bench.build_memory`).
 """
 
 from __future__ import annotations

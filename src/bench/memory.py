@@ -1,4 +1,4 @@
-"""ZeRO-3 model-state memory per rank, measured: `python -m src.parallel.memory --ranks 1 2 4`.
+"""ZeRO-3 model-state memory per rank, measured: `python -m src.bench.memory --ranks 1 2 4`.
 
 For a fixed model, starts DeepSpeed ZeRO-3 on 1, 2 and 4 gloo ranks (CPU), takes one training step and reads
 the bytes each rank holds: its parameter partition, its gradient partition, its fp32 master partition and its
@@ -89,7 +89,7 @@ def run_workers(module: str, ranks: int, worker_args: list[str], what: str) -> d
 
 def run(ranks: list[int], model_overrides: dict, precision: str) -> list[dict]:
     args = ["--model", json.dumps(model_overrides), "--precision", precision]
-    return [run_workers("src.parallel.memory", n, args, "ZeRO-3") for n in ranks]
+    return [run_workers("src.bench.memory", n, args, "ZeRO-3") for n in ranks]
 
 
 def table(results: list[dict]) -> str:

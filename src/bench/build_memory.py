@@ -1,5 +1,5 @@
 """Host memory per rank while the model is built and handed to an engine, measured:
-`python -m src.parallel.build_memory --model mmdit_1b --ranks 1 2 4 --engine zero3 fsdp2`.
+`python -m src.bench.build_memory --model mmdit_1b --ranks 1 2 4 --engine zero3 fsdp2`.
 
 Starts N gloo ranks on the CPU for each engine (`conf/parallel/<engine>.yaml`), builds the model through the
 engine's construction (`src.parallel.construction`), optionally loads `--init-from` into it, and wraps it in the
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from src.bench.memory import run_workers
 from src.cli import HelpFormatter
-from src.parallel.memory import run_workers
 
 PHASES = ("build", "load", "engine")
 GIB = 1024**3
@@ -91,7 +91,7 @@ def run(engine: str, ranks: int, model_kwargs: dict, init_from: str | None) -> d
     """The figures of `ranks` gloo ranks building the model for `engine` (a fresh torchrun)."""
     args = ["--engine", engine, "--model-kwargs", json.dumps(model_kwargs)]
     args += ["--init-from", init_from] if init_from else []
-    return run_workers("src.parallel.build_memory", ranks, args, engine)
+    return run_workers("src.bench.build_memory", ranks, args, engine)
 
 
 def worst_rise(result: dict, phase: str) -> int:
