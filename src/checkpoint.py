@@ -1,64 +1,23 @@
-"""Reading checkpoints outside training: consolidated weights for sampling and export, run state on disk.
-
-Layout of a run directory:
-    RUN_DIR/config.yaml                     the resolved config (rank 0)
-    RUN_DIR/metrics.jsonl                   one row per logged step
-    RUN_DIR/checkpoints/latest              the tag of the newest complete checkpoint
-    RUN_DIR/checkpoints/step_00000100/...   engine-specific shards (+ per-rank loop state)
-"""
+"""Reading checkpoints outside training: consolidated weights for sampling and export, AdamW moments for a stage
+transition, a previous stage's tensors one at a time, each through the reader of the engine that wrote them
+(`src.parallel.formats`). The run directory's layout and names are in src/rundir.py."""
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from src.integrity import MANIFEST, refusal, verify
 from src.models.diffusers_flux import from_diffusers, is_diffusers_flux
-from src.parallel.engine import latest_tag
 from src.parallel.formats import format_of, reader_for
+from src.rundir import latest_tag
 from src.safe_load import refuse_unsafe_files
 
 log = logging.getLogger("kiln.checkpoint")
-
-
-def step_tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def rng_state() -> dict:
-    """This process's RNG states (torch CPU, CUDA if present, numpy, python), as tensors and plain values only, so
-    that a checkpoint loads with `weights_only=True`."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore `rng_state()`'s states. The generators take their states as CPU ByteTensors, wherever a checkpoint
-    was mapped to."""
-    torch.set_rng_state(state["torch"].cpu())
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    keys = keys.cpu().numpy() if isinstance(keys, torch.Tensor) else keys  # an ndarray in older checkpoints
-    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _resolve(run_or_ckpt: str | Path, tag: str | None) -> tuple[Path, str]:
@@ -186,7 +145,7 @@ def open_model_weights(run_or_ckpt: str | Path, names: list[str]) -> WeightSourc
         if where is not None:
             shapes = {k: shape for k, (_, shape) in where.items()}
             return WeightSource(shapes, lambda k: read_safetensor(where[k][0], k), f"weights:{path.name}")
-    elif (path / "export.json").is_file():
+    elif (path / "export.json").is_file() and not is_diffusers_flux(path):  # a diffusers export: converted below
         record = json.loads((path / "export.json").read_text())
         where = safetensors_index(path / "model.safetensors")
         shapes = {k: shape for k, (_, shape) in where.items()}
