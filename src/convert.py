@@ -40,15 +40,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint import FileSystemWriter
 
-from src.checkpoint import check_intact, checkpoint_dir
+from src.checkpoint import check_intact
 from src.cli import HelpFormatter
 from src.config import CONF
 from src.integrity import MANIFEST, atomic_write, seal, step_folders, write_latest
 from src.parallel import fsdp2
-from src.parallel.engine import latest_tag
 from src.parallel.formats import TrainingState, reader_for
 from src.parallel.zero3_files import Zero3Target, write_zero3
 from src.run.param_groups import ParamPlan
+from src.rundir import checkpoint_dir, latest_tag
 
 TARGETS = ("fsdp2", "local", "zero3")
 RUN_FILES = ("metrics.jsonl", "trainable.jsonl", "transition.json", "skipped")

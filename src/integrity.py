@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from src.cli import HelpFormatter
 from src.parallel.dist import all_gather_objects
-from src.parallel.engine import latest_tag
+from src.rundir import latest_tag
 from src.safe_load import refuse_unsafe_files
 
 log = logging.getLogger("kiln.checkpoint")

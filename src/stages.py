@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.cli import HelpFormatter
 from src.evaluation import REPORT
-from src.parallel.engine import latest_tag
+from src.rundir import latest_tag
 
 log = logging.getLogger("kiln.stages")
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -20,7 +20,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from src.checkpoint import rng_state, set_rng_state, step_tag
 from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
 from src.data.source import batch_features, training_condition
@@ -28,12 +27,13 @@ from src.evaluation import LearningAlarm, write_stage_report
 from src.flops import step_flops
 from src.integrity import POLICIES, save_checkpoint
 from src.parallel.dist import all_gather_objects, all_mean, all_sum_counts, barrier
-from src.parallel.engine import ema_decay, latest_tag
 from src.parallel.sp_guard import check_sequence_batches
+from src.parallel.state import ema_decay
 from src.run.metrics import truncate_after
 from src.run.param_groups import enter_phase
 from src.run.sentinel import DIVERGED_EXIT, Diverged, Quarantine, Sentinel, Verdict, append_jsonl, blame, standouts
 from src.run.setup import Position, Run, setup
+from src.rundir import latest_tag, rng_state, set_rng_state, step_tag
 
 log = logging.getLogger("kiln.train")
 ALARM_EXIT = 3  # exit status of a run stopped by a learning alarm

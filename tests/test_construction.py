@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from src.models.mmdit import MMDiT
 from src.parallel.construction import construction_for
-from src.parallel.engine import warmup_schedule
+from src.run.param_groups import warmup_schedule
 from src.run.transitions import apply_transition
 from tests.conftest import tiny_model_kwargs
 

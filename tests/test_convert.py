@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoint import Moments, load_model_weights, step_tag
+from src.checkpoint import Moments, load_model_weights
 from src.parallel.deepspeed import DEEPSPEED_KEYS, check_zero_world
+from src.rundir import step_tag
 from src.safe_load import load_tensors
 from tests import test_train
 from tests.conftest import ROOT, clean_env

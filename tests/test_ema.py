@@ -8,8 +8,9 @@ import torch
 from src.checkpoint import load_model_weights
 from src.integrity import save_checkpoint
 from src.models.mmdit import MMDiT
-from src.parallel.engine import ema_decay, warmup_schedule
 from src.parallel.local import LocalEngine
+from src.parallel.state import ema_decay
+from src.run.param_groups import warmup_schedule
 from tests.conftest import tiny_model_kwargs
 from tests.test_engine import batch
 

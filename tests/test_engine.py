@@ -8,8 +8,8 @@ import torch
 
 from src.integrity import save_checkpoint
 from src.models.mmdit import MMDiT
-from src.parallel.engine import warmup_schedule
 from src.parallel.local import LocalEngine
+from src.run.param_groups import warmup_schedule
 from tests.conftest import tiny_model_kwargs
 from tests.numerics import accumulation_length, adam_moments_atol, adam_update_atol, rounding_atol
 

@@ -26,10 +26,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from src.checkpoint import Moments, load_model_weights
 from src.integrity import save_checkpoint
 from src.models.mmdit import MMDiT
-from src.parallel.engine import warmup_schedule
 from src.parallel.fsdp2 import FSDP2Engine
 from src.run.metrics import read_metrics
-from src.run.param_groups import ParamPlan, enter_phase
+from src.run.param_groups import ParamPlan, enter_phase, warmup_schedule
 from tests import test_train
 from tests.conftest import tiny_model_kwargs
 from tests.numerics import accumulation_length, adam_moments_atol, adam_update_atol, rounding_atol

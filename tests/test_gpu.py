@@ -98,8 +98,8 @@ def test_a_training_step_never_makes_the_host_wait_for_the_gpu():
     import functools
 
     from src.diffusion.flow import drop_text, training_inputs
-    from src.parallel.engine import warmup_schedule
     from src.parallel.local import LocalEngine
+    from src.run.param_groups import warmup_schedule
 
     torch.manual_seed(0)
     engine = LocalEngine(

@@ -17,14 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from src.checkpoint import load_model_weights, rng_state, set_rng_state
+from src.checkpoint import load_model_weights
 from src.integrity import MANIFEST, file_sha256, prune, resume_tag, save_checkpoint, seal, verify, write_latest
 from src.models.mmdit import MMDiT
 from src.parallel.deepspeed import check_zero_world
-from src.parallel.engine import warmup_schedule
 from src.parallel.local import LocalEngine
 from src.run.metrics import read_metrics
+from src.run.param_groups import warmup_schedule
 from src.run.resume import GlobalBatches, check_writable
+from src.rundir import rng_state, set_rng_state
 from src.safe_load import load_tensors, refuse_unsafe_pickles
 from tests.conftest import ROOT, clean_env, tiny_model_kwargs
 from tests.test_engine import make_engine, train_steps

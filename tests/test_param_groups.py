@@ -15,9 +15,8 @@ import torch
 
 from src.checkpoint import load_model_weights
 from src.models.mmdit import MMDiT
-from src.parallel.engine import warmup_schedule
 from src.parallel.local import LocalEngine
-from src.run.param_groups import ParamPlan, enter_phase
+from src.run.param_groups import ParamPlan, enter_phase, warmup_schedule
 from tests.conftest import tiny_model_kwargs
 from tests.test_engine import batch
 from tests.test_train import PARITY_EPS, train

@@ -13,10 +13,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from src.checkpoint import load_model_weights, step_tag
+from src.checkpoint import load_model_weights
 from src.parallel.dist import shutdown
 from src.run.metrics import read_metrics
 from src.run.sentinel import Diverged, Quarantine, Sentinel, blame, standouts
+from src.rundir import step_tag
 from tests.conftest import ROOT
 
 

@@ -18,9 +18,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.checkpoint import Moments, load_model_weights, step_tag
+from src.checkpoint import Moments, load_model_weights
 from src.integrity import resume_tag
 from src.run.metrics import read_metrics
+from src.rundir import step_tag
 from tests.conftest import ROOT, clean_env, tiny_model_kwargs
 from tests.numerics import (
     EPS32,

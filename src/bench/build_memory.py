@@ -52,7 +52,7 @@ def _measure(out: Path, engine_name: str, model_kwargs: dict, init_from: str | N
     from src.models.mmdit import MMDiT
     from src.parallel.construction import construction_for
     from src.parallel.dist import all_gather_objects, init_distributed, shutdown
-    from src.parallel.engine import warmup_schedule
+    from src.run.param_groups import warmup_schedule
     from src.run.transitions import apply_transition
 
     info = init_distributed("gloo")

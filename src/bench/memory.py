@@ -46,7 +46,7 @@ def _measure(out: Path, model_overrides: dict, precision: str) -> None:
     from src.models.mmdit import MMDiT
     from src.parallel.deepspeed import DeepSpeedEngine
     from src.parallel.dist import init_distributed
-    from src.parallel.engine import warmup_schedule
+    from src.run.param_groups import warmup_schedule
 
     info = init_distributed("gloo")
     torch.manual_seed(0)

@@ -40,16 +40,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from src.parallel.construction import RankZeroConstruction
-from src.parallel.engine import (
-    check_ema,
-    check_precision,
-    init_moments,
-    latest_tag,
-    refuse_unreadable,
-    update_ema,
-)
+from src.parallel.engine import check_precision
 from src.parallel.formats import CheckpointReader, TrainingState
+from src.parallel.state import check_ema, init_moments, update_ema
 from src.parallel.transforms import prepare_model
+from src.rundir import latest_tag, refuse_unreadable
 from src.safe_load import load_tensors
 
 log = logging.getLogger(__name__)

@@ -10,16 +10,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from src.parallel.engine import (
-    check_ema,
-    check_precision,
-    init_moments,
-    latest_tag,
-    refuse_unreadable,
-    update_ema,
-)
+from src.parallel.engine import check_precision
 from src.parallel.formats import CheckpointReader, TrainingState
+from src.parallel.state import check_ema, init_moments, update_ema
 from src.parallel.transforms import prepare_model
+from src.rundir import latest_tag, refuse_unreadable
 from src.safe_load import load_tensors
 
 FILE = "local_engine.pt"  # a local checkpoint folder holds this one file (and the manifest)

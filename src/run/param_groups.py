@@ -23,14 +23,17 @@ How it is applied, identically by every engine:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 log = logging.getLogger("kiln.param_groups")
 RULE_KEYS = ("pattern", "trainable", "lr_scale", "weight_decay", "warmup_steps")
@@ -234,3 +237,21 @@ def log_report(report: dict) -> None:
     never = len(report["frozen_keys"]) - sum(r["tensors"] for r in report["groups"] if not r["trainable"])
     if never:
         log.info("  %d tensors frozen in every phase: not in the optimizer", never)
+
+
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int = 0, group_factors: Callable[[int, int], float] | None = None
+) -> LambdaLR:
+    """Linear warmup from lr / warmup_steps to lr over `warmup_steps` steps, then constant (Open-Sora).
+
+    `group_factors(group, step)` multiplies each param group's LR (freeze rules, lr_scale and per-group warmup
+    from `src.run.param_groups.ParamPlan.lr_factor`).
+    """
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+
+    def factor(group: int, step: int) -> float:
+        base = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return base * (group_factors(group, step) if group_factors else 1.0)
+
+    return LambdaLR(optimizer, [functools.partial(factor, g) for g in range(len(optimizer.param_groups))])

@@ -22,7 +22,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from src.checkpoint import checkpoint_dir, set_rng_state
 from src.diffusion.condition import check_condition_input
 from src.diffusion.flow import FlowMatching
 from src.evaluation import Evaluator, validation_set
@@ -30,7 +29,6 @@ from src.flops import peak_flops
 from src.integrity import resume_tag
 from src.parallel.construction import construction_for
 from src.parallel.dist import DistInfo, agree, init_distributed
-from src.parallel.engine import latest_tag
 from src.run.faults import Faults
 from src.run.metrics import LossBreakdown, StepWindow, truncate_after
 from src.run.param_groups import ParamPlan
@@ -40,6 +38,7 @@ from src.run.resume import GlobalBatches, check_writable
 from src.run.sentinel import Quarantine, Sentinel
 from src.run.transitions import apply_transition, carry_moments
 from src.run.watchdog import Watchdog
+from src.rundir import checkpoint_dir, latest_tag, set_rng_state
 
 log = logging.getLogger("kiln.train")
 
