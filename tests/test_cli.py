@@ -42,3 +42,33 @@ def test_the_readme_layout_names_every_module_of_src():
         and not (path.name in layout and f"src/{path.parent.relative_to(ROOT / 'src')}/" in layout)
     ]
     assert not missing, f"README.md's layout does not name {missing}"
+
+
+def test_src_imports_one_way_with_no_circle():
+    # module-level imports of src/ (those inside functions too): a circle means two rooms that cannot be read apart
+    import ast
+
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (ROOT / "src").rglob("*.py")}  # fmt: skip
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                graph[name].add(node.module)
+                graph[name] |= {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+            elif isinstance(node, ast.Import):
+                graph[name] |= {a.name for a in node.names} & modules.keys()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in sorted(graph[name] - {name}):
+            if state.get(dep) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(dep) :] + [dep]))
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[name] = 2
+
+    for name in sorted(modules):
+        if name not in state:
+            visit(name, [name])
