@@ -320,6 +320,20 @@ class DeepSpeedEngine:
             return Construction()
         return Zero3Construction(ds_config(zero_stage, precision, grad_clip, zero_options, reduce_dtype))
 
+    @staticmethod
+    def planned_bytes(par, n_params: int, block: int, gpus: int, ema_bytes: float) -> tuple[float, float, float]:
+        """src.parallel.plan: states sharded by ZeRO stage over every rank; stage 3 keeps up to
+        `stage3_max_live_parameters` gathered; two reduce buckets of `reduce_bucket_size` elements in
+        `reduce_dtype` (DeepSpeed's defaults: deepspeed/runtime/zero/config.py)."""
+        from src.parallel.plan import DTYPE_BYTES, state_bytes_per_param
+
+        stage, options = par.zero_stage, par.get("zero_options") or {}
+        live = min(n_params, options.get("stage3_max_live_parameters", 1e9))
+        bucket = options.get("reduce_bucket_size", 5e8)
+        states = n_params * (state_bytes_per_param(par.precision, stage, gpus) + ema_bytes / gpus)
+        gathered = live * DTYPE_BYTES[par.precision] if stage == 3 else 0.0
+        return states, gathered, 2 * bucket * DTYPE_BYTES[par.get("reduce_dtype", "fp32")]
+
     def __init__(
         self,
         model: nn.Module,

@@ -139,6 +139,16 @@ class FSDP2Engine:
         """`src.train` builds the model on the meta device on ranks > 0 (`src.parallel.construction`)."""
         return RankZeroConstruction()
 
+    @staticmethod
+    def planned_bytes(par, n_params: int, block: int, gpus: int, ema_bytes: float) -> tuple[float, float, float]:
+        """src.parallel.plan: every state sharded over the ranks of a replica; two blocks gathered (the one computed
+        and the one prefetched) in the compute dtype, and their gradients reduced in fp32."""
+        from src.parallel.plan import DTYPE_BYTES, state_bytes_per_param
+
+        shards = gpus // par.get("replicate", 1)
+        states = n_params * (state_bytes_per_param(par.precision, 3, shards) + ema_bytes / shards)
+        return states, 2 * block * DTYPE_BYTES[par.precision], 2 * block * DTYPE_BYTES["fp32"]
+
     def __init__(
         self,
         model: nn.Module,

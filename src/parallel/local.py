@@ -95,6 +95,13 @@ class LocalEngine:
 
     checkpoint_format = LocalCheckpoint
 
+    @staticmethod
+    def planned_bytes(par, n_params: int, block: int, gpus: int, ema_bytes: float) -> tuple[float, float, float]:
+        """src.parallel.plan: every state whole on the one rank; nothing gathered or bucketed."""
+        from src.parallel.plan import state_bytes_per_param
+
+        return n_params * (state_bytes_per_param(par.precision, 0, 1) + ema_bytes), 0.0, 0.0
+
     def __init__(
         self,
         model: nn.Module,

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.cli import HelpFormatter
@@ -32,8 +32,6 @@ from src.parallel.activations import ROOT, rank_activations
 
 GIB = 2**30
 HEADROOM = 0.9  # of a GPU's memory the plan may fill
-DS_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's defaults (deepspeed/runtime/zero/config.py)
-DS_REDUCE_BUCKET_SIZE = 5e8
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 EMA_BYTES = 4  # Kiln's EMA of the weights: fp32, sharded as the parameters are
 
@@ -113,33 +111,14 @@ def _meta_vae(vae_yaml: str):
 
 def engine_bytes(par: DictConfig, model: torch.nn.Module, gpus: int, ema: bool = True) -> tuple[float, float, float]:
     """(model states, gathered weights, communication buffers) in bytes on one rank for the configured engine; the
-    model states with the EMA when `ema`.
-
-    ZeRO: states by stage; stage 3 keeps up to `stage3_max_live_parameters` gathered; two reduce buckets of
-    `reduce_bucket_size` elements in `reduce_dtype`. FSDP2: everything sharded over the ranks of a replica; two
-    blocks gathered (the one computed and the one prefetched), and their gradients reduced in fp32. Local: nothing
-    sharded, gathered or bucketed."""
-    engine = par._target_.rsplit(".", 1)[-1]
-    precision, compute = par.precision, DTYPE_BYTES[par.precision]
+    model states with the EMA when `ema`. The engine class states its own (`planned_bytes`): how it shards the
+    states, what it holds gathered and which buffers it reduces in."""
+    engine = get_class(par._target_)
+    if not hasattr(engine, "planned_bytes"):
+        raise ValueError(f"no memory plan for parallel._target_={par._target_!r}: its class defines no planned_bytes")
     n_params = sum(p.numel() for p in model.parameters())
     block = max(sum(p.numel() for p in b.parameters()) for b in [*model.double_blocks, *model.single_blocks])
-    ema_bytes = EMA_BYTES if ema else 0
-    if engine == "LocalEngine":
-        return n_params * (state_bytes_per_param(precision, 0, 1) + ema_bytes), 0.0, 0.0
-    if engine == "FSDP2Engine":
-        shards = gpus // par.get("replicate", 1)
-        states = n_params * (state_bytes_per_param(precision, 3, shards) + ema_bytes / shards)
-        return states, 2 * block * compute, 2 * block * DTYPE_BYTES["fp32"]
-    if engine == "DeepSpeedEngine":
-        stage, options = par.zero_stage, par.get("zero_options") or {}
-        live = min(n_params, options.get("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS))
-        bucket = options.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE)
-        reduce = DTYPE_BYTES[par.get("reduce_dtype", "fp32")]
-        states = n_params * (state_bytes_per_param(precision, stage, gpus) + ema_bytes / gpus)  # every ZeRO stage
-        return states, live * compute if stage == 3 else 0.0, 2 * bucket * reduce
-    raise ValueError(
-        f"no memory plan for parallel._target_={par._target_!r} (LocalEngine, DeepSpeedEngine, FSDP2Engine)"
-    )
+    return engine.planned_bytes(par, n_params, block, gpus, EMA_BYTES if ema else 0.0)
 
 
 def memory_plan(cfg: DictConfig, gpus: int | None = None, gpu_memory_gib: float | None = None) -> MemoryPlan:
