@@ -33,6 +33,7 @@ from src.run.metrics import truncate_after
 from src.run.param_groups import enter_phase
 from src.run.sentinel import DIVERGED_EXIT, Diverged, Quarantine, Sentinel, Verdict, append_jsonl, blame, standouts
 from src.run.setup import Position, Run, setup
+from src.run.watchdog import Watchdog
 from src.rundir import latest_tag, rng_state, set_rng_state, step_tag
 
 log = logging.getLogger("kiln.train")
@@ -240,9 +241,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
     check_knobs(cfg)
     run = setup(cfg, Path(run_dir))  # process group, model, engine, resume, data, encoders, evaluator, guards
     pos, engine = run.position, run.engine
+    # a rank that finishes no step for watchdog_s ends the job; it watches this function (disarmed when it ends)
+    watchdog = Watchdog(run.run_dir, run.dist.rank, run.dist.world_size, cfg.watchdog_s, pos.step)
     batches, blamed, phase, first_step = iter(run.loader), [], None, pos.step  # blamed: bad steps' samples
     while pos.step < cfg.steps:
-        run.watchdog.beat(pos.step)
+        watchdog.beat(pos.step)
         run.profiler.at(pos.step)
         if run.plan.phase(pos.step) != phase:  # freeze schedule: at start, and where a phase begins
             phase = enter_phase(run.plan, engine, pos.step, run.default_weight_decay, run.main_dir)
@@ -284,6 +287,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
             break
     run.profiler.at(pos.step, final=True)
     write_stage_report(run.run_dir, run.dist.is_main, run.evaluator, pos.step)
+    watchdog.close()
     run.close()
     barrier()
 

@@ -4,7 +4,8 @@ The order matters and is the one a reader would check: the process group, the ru
 on every rank before anything is spent), the model (on the meta device where the engine materialises it from
 rank 0's weights), a declared stage transition, the engine, a resume from RUN_DIR/checkpoints, the data, the
 encoders (only where the data source or the fixed-prompt evaluation needs them), the checks that the model fits
-its features, and the guards of the loop (sentinel, quarantine, watchdog, stop requests, profiler).
+its features, and the guards of the loop (sentinel, quarantine, stop requests, profiler). The watchdog is
+started by `train()` itself: it watches the function that starts it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from src.run.profiler import StepProfiler
 from src.run.resume import GlobalBatches, check_writable
 from src.run.sentinel import Quarantine, Sentinel
 from src.run.transitions import apply_transition, carry_moments
-from src.run.watchdog import Watchdog
 from src.rundir import checkpoint_dir, latest_tag, set_rng_state
 
 log = logging.getLogger("kiln.train")
@@ -87,7 +87,6 @@ class Run:
     faults: Faults
     logger: Any
     stop: StopRequest
-    watchdog: Watchdog
     progress: tqdm
     window: StepWindow
     breakdown: LossBreakdown
@@ -99,7 +98,6 @@ class Run:
         return self.run_dir if self.dist.is_main else None
 
     def close(self) -> None:
-        self.watchdog.close()
         self.stop.close(self.dist.is_main)
         self.progress.close()
         self.logger.close()
@@ -259,7 +257,6 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         faults=faults,
         logger=logger,
         stop=StopRequest(run_dir),
-        watchdog=Watchdog(run_dir, dist.rank, dist.world_size, cfg.watchdog_s, state["step"]),  # a stuck rank ends it
         progress=tqdm(
             total=cfg.steps, initial=state["step"], disable=not dist.is_main, desc="train", dynamic_ncols=True
         ),
