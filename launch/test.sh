@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs (if needed, into the active virtual environment or the project's .venv), lints and runs the whole test
 # suite. `.ci/run` calls exactly this.
-# Arguments go to pytest; without any (the whole suite), the numerics tests then run again under each other ATen CPU
-# kernel set the machine has (launch/test_numerics.sh: default, avx2, avx512).
+# Arguments go to pytest; without any (the whole suite), the single-process numerics tests then run again under each
+# other ATen CPU kernel set the machine has (launch/test_numerics.sh: default, avx2, avx512; run that script alone
+# for the multi-process parity tests under each too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=launch/python.sh
@@ -15,5 +16,5 @@ bash launch/install.sh
 # pytest exits 5 when it collects no test: that is a failure here, as is any other non-zero code.
 "$PYTHON" -m pytest tests -q "$@"
 if [ "$#" -eq 0 ]; then
-    KILN_NUMERICS_SKIP_NATIVE=1 bash launch/test_numerics.sh
+    KILN_NUMERICS_SKIP_NATIVE=1 KILN_NUMERICS_MARK="numerics and not dist" bash launch/test_numerics.sh
 fi

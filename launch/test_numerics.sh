@@ -5,7 +5,10 @@
 # tests/numerics.py, so they must hold under each. Extra arguments go to pytest. Every run must pass and collect
 # at least one test: pytest's exit code 5 (nothing collected) is a failure too. launch/test.sh calls this after the
 # whole suite with KILN_NUMERICS_SKIP_NATIVE=1: the kernel set torch picks unasked (the best the CPU has) has just
-# run them there, so only the others run again.
+# run them there, so only the others run again; and with KILN_NUMERICS_MARK="numerics and not dist": the
+# single-process numerics tests (the kernels themselves: model, VAEs, flow, EMA, engines), 10 s per kernel set,
+# without the multi-process parity tests (5 minutes per kernel set, which run under the native set in the suite).
+# Run this script directly for every numerics test under every kernel set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -34,9 +37,10 @@ for cap in "${capabilities[@]}"; do
         status=1
         continue
     fi
-    echo "== ATEN_CPU_CAPABILITY=$cap: pytest -m numerics"
+    mark=${KILN_NUMERICS_MARK:-numerics}
+    echo "== ATEN_CPU_CAPABILITY=$cap: pytest -m \"$mark\""
     rc=0
-    ATEN_CPU_CAPABILITY=$cap "$PY" -m pytest tests -m numerics -q "$@" || rc=$?
+    ATEN_CPU_CAPABILITY=$cap "$PY" -m pytest tests -m "$mark" -q "$@" || rc=$?
     if [ "$rc" -ne 0 ]; then
         [ "$rc" -eq 5 ] && echo "== ATEN_CPU_CAPABILITY=$cap: no numerics test collected" >&2
         echo "== ATEN_CPU_CAPABILITY=$cap: failed (pytest exit code $rc)" >&2

@@ -366,6 +366,17 @@ def test_one_rank_resumed_on_two_trains_like_one_process(tmp_path, single_run, s
 
 @pytest.mark.dist
 @pytest.mark.numerics
+def test_two_ranks_resumed_on_four_train_like_one_process(tmp_path, single_run, smoke_n):
+    # steps 1-2 on 2 ranks reading 2 clips each, steps 3-4 on 4 ranks reading 1 each: the same global batch of 4,
+    # DCP resharding every tensor from halves to quarters (ranks 2 and 3 start from rank 0's loop state)
+    train(tmp_path, "parallel=fsdp2", "steps=2", PARITY_EPS, EVERY_STEP)
+    train(tmp_path, "parallel=fsdp2", "data.buckets.batch_scale=0.5", PARITY_EPS, EVERY_STEP, nproc=4)
+    _assert_resumed_like_one_process(tmp_path, single_run[0], smoke_n)
+    assert json.loads((tmp_path / "checkpoints/step_00000004/fsdp2.json").read_text())["world_size"] == 4
+
+
+@pytest.mark.dist
+@pytest.mark.numerics
 def test_a_sequence_parallel_run_resumed_without_it_trains_like_one_process(tmp_path, single_run, smoke_n):
     # steps 1-2: one sequence-parallel group of 2 ranks reading the global batch of 4; steps 3-4: 2 data-parallel
     # ranks reading 2 each. The same global batch in another layout: nothing in the checkpoint depends on sp_size
