@@ -5,6 +5,7 @@
 #      group over NCCL + gloo, ZeRO-3 bf16, save and resume);
 #   2. python -m src.bench, Kiln against the diffusers baseline: 1.3B model at 256px x 129 frames (8,448 video + 512
 #      text tokens), with a profile; and at 384px x 129 frames (19,008 + 512), every block checkpointed in both;
+#      then the engines at 8.4k tokens on the one GPU: ZeRO-3 and FSDP2 (bf16), each in one run of the same loop;
 #   3. python -m src.gpu_report: device, driver, library versions, date, test results, the speed table and the
 #      profile, written into docs/BENCHMARKS.md between its markers; the JSON beside it (bench_speed_gpu_*.json).
 #
@@ -81,10 +82,12 @@ step "speed at 8.4k tokens, profiled" 180 "$PY" -m src.bench "${bench[@]}" "${sh
     --json "$out/speed_8k.json"
 step "speed at 19k tokens, every block checkpointed" 180 "$PY" -m src.bench "${bench[@]}" "${shape19k[@]}" \
     --baseline-checkpointing --json "$out/speed_19k.json" parallel.checkpoint_double=-1 parallel.checkpoint_single=-1
+step "engines at 8.4k tokens: ZeRO-3 and FSDP2" 150 "$PY" -m src.bench "${bench[@]}" "${shape8k[@]}" \
+    --engines zero3:1 fsdp2:1 --no-baseline --json "$out/speed_engines.json"
 if [ "$dry" = 1 ]; then
     cp docs/BENCHMARKS.md "$doc"
 else
-    for shape in 8k 19k; do
+    for shape in 8k 19k engines; do
         [ ! -f "$out/speed_$shape.json" ] || cp "$out/speed_$shape.json" "docs/bench_speed_gpu_$shape.json"
     done
 fi

@@ -9,7 +9,12 @@ import torch
 from src.gpu_report import BEGIN, END, gpu_test_results, read_steps, write_section
 from tests.conftest import ROOT, clean_env
 
-STEPS = ["GPU tests", "speed at 8.4k tokens, profiled", "speed at 19k tokens, every block checkpointed"]
+STEPS = [
+    "GPU tests",
+    "speed at 8.4k tokens, profiled",
+    "speed at 19k tokens, every block checkpointed",
+    "engines at 8.4k tokens: ZeRO-3 and FSDP2",
+]
 
 
 def test_gpu_checks_dry_run_writes_its_report_into_a_copy_of_the_page(tmp_path):
@@ -26,8 +31,12 @@ def test_gpu_checks_dry_run_writes_its_report_into_a_copy_of_the_page(tmp_path):
     assert "`tests/test_gpu.py`: 0 passed, 0 failed" in section  # collected and skipped on a CPU, none failing
     kiln = [line for line in section.splitlines() if "| Kiln (DeepSpeedEngine, bf16, 1 rank) |" in line]
     baseline = [line for line in section.splitlines() if "| diffusers FluxTransformer2DModel" in line]
-    assert len(kiln) == len(baseline) == 2  # both shapes, Kiln against the baseline
-    assert kiln[0].startswith("| 8k: 32 video + 8 text tokens") and kiln[1].startswith("| 19k: 48 video")
+    assert len(baseline) == 2  # both shapes, Kiln against the baseline, and ZeRO-3 again in the engines' run
+    assert sorted(line.split(":")[0] for line in kiln) == ["| 19k", "| 8k", "| engines"]
+    assert any(line.startswith("| 8k: 32 video + 8 text tokens") for line in kiln)
+    assert any(line.startswith("| 19k: 48 video") for line in kiln)
+    assert any(line.startswith("| engines: 32 video") and "| Kiln (FSDP2Engine, bf16, 1 rank) |" in line
+               for line in section.splitlines())  # fmt: skip
     assert "Where a step's time goes at 8k" in section and "| matmul |" in section
     shipped = (ROOT / "docs/BENCHMARKS.md").read_text()
     assert outside_markers(page) == outside_markers(shipped)  # only the section between the markers was written
