@@ -185,7 +185,7 @@ def rewind(run: Run, step: int, reason: str, blamed: list) -> Position:
     run.progress.n = state["step"]
     if run.dist.is_main:
         truncate_after(run.run_dir, state["step"])
-    return Position(state["step"], state["samples_seen"], Counter(state["skipped"]), Counter(state["failed"]))
+    return Position.from_state(state, scan_skips=Counter())  # a checkpoint is never of step 0
 
 
 def account(run: Run, pos: Position, batch: dict, out: StepOutcome, data_wait: float) -> None:
