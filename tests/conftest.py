@@ -30,3 +30,52 @@ def tiny_model():
 
     torch.manual_seed(0)
     return MMDiT(**tiny_model_kwargs())
+
+
+# -- the smoke runs that several modules compare against (tests/test_train.py, test_convert.py, test_fsdp2.py) ----
+# Session-scoped: each is launched once per test session, however many modules read it (none writes into it).
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tmp_path_factory):
+    """4 steps of the smoke experiment on 2 ZeRO-3 ranks, batch 2 per rank, a checkpoint after every step."""
+    from tests.test_train import EVERY_STEP, PARITY_EPS, train
+
+    run_dir = tmp_path_factory.mktemp("zero3")
+    return run_dir, train(run_dir, PARITY_EPS, EVERY_STEP)
+
+
+@pytest.fixture(scope="session")
+def single_run(tmp_path_factory):
+    """The same 4 steps in one plain-PyTorch process on the same global batch (batch 4)."""
+    from tests.test_train import EVERY_STEP, PARITY_EPS, train
+
+    run_dir = tmp_path_factory.mktemp("single")
+    return run_dir, train(run_dir, "parallel=local", "data.buckets.batch_scale=2", PARITY_EPS, EVERY_STEP, nproc=1)
+
+
+@pytest.fixture(scope="session")
+def smoke_n() -> dict[str, int]:
+    """n of tests/numerics.py for one step of the smoke experiment on its global batch: 4 clips of 8 frames at
+    32x32 (bucket 32px/8f/32x32), patch-VAE latents 48 x 8 x 8 x 8 (128 video tokens), 16 MiniLM text tokens of 384
+    features, the tiny MMDiT. "loss": the forward pass plus the loss's mean over the 4 x 48 x 512 predicted values;
+    "grad": the forward and backward passes (a weight's gradient sums over all 4 x 144 tokens of the global batch)."""
+    from src.models.mmdit import MMDiT
+    from tests.numerics import accumulation_length
+
+    torch.manual_seed(0)
+    model = MMDiT(**tiny_model_kwargs())
+    x, txt, vec, t = torch.randn(4, 48, 8, 8, 8), torch.randn(4, 16, 384), torch.randn(4, 384), torch.rand(4)
+    forward = accumulation_length(lambda: model(x, txt, vec, t))
+    return {"loss": forward + x.numel(), "grad": accumulation_length(lambda: model(x, txt, vec, t), backward=True)}
+
+
+@pytest.fixture(scope="session")
+def zero3_two_steps(tmp_path_factory):
+    """2 steps of the smoke experiment on 2 ZeRO-3 ranks with its own checkpoint cadence (ckpt_every=2): the run
+    tests/test_export.py exports, and the first half of test_train.py's resume test (which continues a copy)."""
+    from tests.test_train import PARITY_EPS, train
+
+    run_dir = tmp_path_factory.mktemp("zero3_2steps")
+    train(run_dir, "steps=2", PARITY_EPS)
+    return run_dir

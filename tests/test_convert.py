@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shlex
@@ -31,17 +33,27 @@ from src.checkpoint import Moments, load_model_weights
 from src.parallel.deepspeed import DEEPSPEED_KEYS, check_zero_world
 from src.rundir import step_tag
 from src.safe_load import load_tensors
-from tests import test_train
 from tests.conftest import ROOT, clean_env
 from tests.test_fsdp2 import _assert_resumed_like_one_process
 from tests.test_train import EVERY_STEP, PARITY_EPS, run, train
 
-# tests/test_train.py's fixtures: 4 steps on 2 ZeRO-3 ranks, the same 4 in one local process on the global batch
-zero3_run, single_run, smoke_n = test_train.zero3_run, test_train.single_run, test_train.smoke_n
 
-
-def convert(*args: str) -> subprocess.CompletedProcess:
+def convert_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m src.convert ARGS` in its own process: the command a refusal names, run as a user would."""
     return run([sys.executable, "-m", "src.convert", *map(str, args)])
+
+
+def convert(*args: str) -> str:
+    """The same command's main() in this process (the converter starts no process group; a process costs seconds
+    of imports per call): its output, or an AssertionError with what it printed when it refuses."""
+    from src.convert import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    if code != 0:
+        raise AssertionError(f"python -m src.convert {' '.join(map(str, args))} failed ({code}):\n{err.getvalue()}")
+    return out.getvalue()
 
 
 def named_command(run_dir: Path, tag: str, world: int, target: str) -> tuple[list[str], str]:
@@ -60,7 +72,7 @@ def zero3_as_fsdp2(zero3_run) -> Path:
     run_dir = zero3_run[0]
     command, refusal = named_command(run_dir, step_tag(2), 1, "fsdp2")
     assert command == [str(run_dir), f"{run_dir}-fsdp2", "--to", "fsdp2", "--tag", step_tag(2)]
-    convert(*command)
+    convert_cli(*command)
     out = Path(f"{run_dir}-fsdp2")
     assert f"parallel=fsdp2 hydra.run.dir={out}" in refusal
     convert(run_dir, out, "--to", "fsdp2", "--tag", step_tag(1))
@@ -92,16 +104,14 @@ def assert_same_state(run_dir: Path, out_dir: Path, tag: str) -> None:
 
 
 def verify(folder: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "src.integrity", "verify", str(folder)],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+    """`python -m src.integrity verify FOLDER` (its main(), in this process): what it prints; fails unless intact."""
+    from src.integrity import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["verify", str(folder)])
+    assert code == 0, out.getvalue()
+    return out.getvalue()
 
 
 @pytest.mark.dist
@@ -188,7 +198,7 @@ def zero3_two_then_one(zero3_run) -> Path:
     out = Path(f"{run_dir}-1ranks")
     assert command == [str(run_dir), str(out), "--to", "zero3", "--world", "1", "--tag", step_tag(2)]
     assert f"then run this command with hydra.run.dir={out}" in refusal
-    convert(*command)
+    convert_cli(*command)
     convert(run_dir, out, "--to", "zero3", "--world", 1, "--tag", step_tag(1))
     train(out, "data.buckets.batch_scale=2", PARITY_EPS, EVERY_STEP, nproc=1)
     return out

@@ -21,10 +21,8 @@ pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("trained")
-    train(run_dir, "steps=2", PARITY_EPS)
-    return run_dir
+def trained(zero3_two_steps):
+    return zero3_two_steps  # tests/conftest.py: 2 steps on 2 ZeRO-3 ranks, read here and never written
 
 
 @pytest.mark.parametrize("ema", [True, False])

@@ -17,6 +17,7 @@ import functools
 import inspect
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -29,13 +30,9 @@ from src.models.mmdit import MMDiT
 from src.parallel.fsdp2 import FSDP2Engine
 from src.run.metrics import read_metrics
 from src.run.param_groups import ParamPlan, enter_phase, warmup_schedule
-from tests import test_train
 from tests.conftest import tiny_model_kwargs
 from tests.numerics import accumulation_length, adam_moments_atol, adam_update_atol, rounding_atol
 from tests.test_train import EVERY_STEP, PARITY_EPS, assert_same_training, train
-
-# tests/test_train.py's fixtures: the local engine's 4 smoke steps on the global batch, and n of tests/numerics.py
-single_run, smoke_n = test_train.single_run, test_train.smoke_n
 
 LR, BETAS, ADAM_EPS = 1e-3, (0.9, 0.999), 1e-8
 GLOBAL_BATCH = 4
@@ -323,11 +320,19 @@ def _refusal_worker(rank: int, world: int, port: int, folder: str, results) -> N
 
 
 @pytest.fixture(scope="module")
-def two_then_one(tmp_path_factory):
-    """Steps 1-2 of the smoke experiment with FSDP2 on 2 ranks (batch 2 each), steps 3-4 resumed on 1 rank with the
-    same global batch (batch 4), a checkpoint after every step."""
-    run_dir = tmp_path_factory.mktemp("fsdp2_2to1")
+def two_ranks_two_steps(tmp_path_factory):
+    """Steps 1-2 of the smoke experiment with FSDP2 on 2 ranks (batch 2 each), a checkpoint after every step: the
+    first half of the resumes below, each of which continues a copy of it."""
+    run_dir = tmp_path_factory.mktemp("fsdp2_2ranks")
     train(run_dir, "parallel=fsdp2", "steps=2", PARITY_EPS, EVERY_STEP)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_then_one(tmp_path_factory, two_ranks_two_steps):
+    """Steps 1-2 on 2 ranks, steps 3-4 resumed on 1 rank with the same global batch (batch 4)."""
+    run_dir = tmp_path_factory.mktemp("fsdp2_2to1") / "run"
+    shutil.copytree(two_ranks_two_steps, run_dir)
     train(run_dir, "parallel=fsdp2", "data.buckets.batch_scale=2", PARITY_EPS, EVERY_STEP, nproc=1)
     return run_dir
 
@@ -366,13 +371,15 @@ def test_one_rank_resumed_on_two_trains_like_one_process(tmp_path, single_run, s
 
 @pytest.mark.dist
 @pytest.mark.numerics
-def test_two_ranks_resumed_on_four_train_like_one_process(tmp_path, single_run, smoke_n):
+def test_two_ranks_resumed_on_four_train_like_one_process(two_ranks_two_steps, tmp_path, single_run, smoke_n):
     # steps 1-2 on 2 ranks reading 2 clips each, steps 3-4 on 4 ranks reading 1 each: the same global batch of 4,
     # DCP resharding every tensor from halves to quarters (ranks 2 and 3 start from rank 0's loop state)
-    train(tmp_path, "parallel=fsdp2", "steps=2", PARITY_EPS, EVERY_STEP)
-    train(tmp_path, "parallel=fsdp2", "data.buckets.batch_scale=0.5", PARITY_EPS, EVERY_STEP, nproc=4)
-    _assert_resumed_like_one_process(tmp_path, single_run[0], smoke_n)
-    assert json.loads((tmp_path / "checkpoints/step_00000004/fsdp2.json").read_text())["world_size"] == 4
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_ranks_two_steps, run_dir)
+    train(run_dir, "parallel=fsdp2", "data.buckets.batch_scale=0.5", PARITY_EPS, EVERY_STEP, nproc=4)
+    _assert_resumed_like_one_process(run_dir, single_run[0], smoke_n)
+    assert json.loads((run_dir / "checkpoints/step_00000002/fsdp2.json").read_text())["world_size"] == 2
+    assert json.loads((run_dir / "checkpoints/step_00000004/fsdp2.json").read_text())["world_size"] == 4
 
 
 @pytest.mark.dist

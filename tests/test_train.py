@@ -22,10 +22,9 @@ from src.checkpoint import Moments, load_model_weights
 from src.integrity import resume_tag
 from src.run.metrics import read_metrics
 from src.rundir import step_tag
-from tests.conftest import ROOT, clean_env, tiny_model_kwargs
+from tests.conftest import ROOT, clean_env
 from tests.numerics import (
     EPS32,
-    accumulation_length,
     adam_drift_bound,
     adam_moments_atol,
     adam_update_atol,
@@ -61,20 +60,6 @@ def train(run_dir, *overrides: str, nproc: int = 2, entry: tuple[str, ...] = ("s
     return read_metrics(run_dir)
 
 
-@pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory):
-    """4 steps of the smoke experiment on 2 ZeRO-3 ranks, batch 2 per rank, a checkpoint after every step."""
-    run_dir = tmp_path_factory.mktemp("zero3")
-    return run_dir, train(run_dir, PARITY_EPS, EVERY_STEP)
-
-
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
-    """The same 4 steps in one plain-PyTorch process on the same global batch (batch 4)."""
-    run_dir = tmp_path_factory.mktemp("single")
-    return run_dir, train(run_dir, "parallel=local", "data.buckets.batch_scale=2", PARITY_EPS, EVERY_STEP, nproc=1)
-
-
 def test_smoke_run_writes_metrics_checkpoints_and_one_config(zero3_run):
     run_dir, rows = zero3_run
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -102,21 +87,6 @@ def test_smoke_run_writes_metrics_checkpoints_and_one_config(zero3_run):
 # -- parity: what two engines must agree on, with tolerances derived in tests/numerics.py ------------------------
 
 SMOKE_BUCKET = "32px/8f/32x32"
-
-
-@pytest.fixture(scope="module")
-def smoke_n() -> dict[str, int]:
-    """n of tests/numerics.py for one step of the smoke experiment on its global batch: 4 clips of 8 frames at
-    32x32 (bucket SMOKE_BUCKET), patch-VAE latents 48 x 8 x 8 x 8 (128 video tokens), 16 MiniLM text tokens of 384
-    features, the tiny MMDiT. "loss": the forward pass plus the loss's mean over the 4 x 48 x 512 predicted values;
-    "grad": the forward and backward passes (a weight's gradient sums over all 4 x 144 tokens of the global batch)."""
-    from src.models.mmdit import MMDiT
-
-    torch.manual_seed(0)
-    model = MMDiT(**tiny_model_kwargs())
-    x, txt, vec, t = torch.randn(4, 48, 8, 8, 8), torch.randn(4, 16, 384), torch.randn(4, 384), torch.rand(4)
-    forward = accumulation_length(lambda: model(x, txt, vec, t))
-    return {"loss": forward + x.numel(), "grad": accumulation_length(lambda: model(x, txt, vec, t), backward=True)}
 
 
 def _adamw(run_dir) -> tuple[float, tuple[float, float], float]:
@@ -278,21 +248,22 @@ def test_a_sequence_parallel_run_resumes_exactly(sp_run, tmp_path):
     assert all(torch.equal(w_straight[k], w_resumed[k]) for k in w_straight)
 
 
-def test_resume_is_exact(zero3_run, tmp_path):
+def test_resume_is_exact(zero3_run, zero3_two_steps, tmp_path):
     straight_dir, straight = zero3_run
-    first = train(tmp_path, "steps=2", PARITY_EPS)
-    assert [r["step"] for r in first] == [1, 2]
-    resumed = train(tmp_path, "steps=4", PARITY_EPS)
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero3_two_steps, run_dir)  # 2 steps (tests/conftest.py), continued here in a copy
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+    resumed = train(run_dir, "steps=4", PARITY_EPS)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # steps 3-4 appended once, 1-2 kept
     # the smoke experiment's ckpt_every=2: a checkpoint every 2 steps (and at the end), none in between
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
     for a, b in zip(straight, resumed, strict=True):
         assert a["loss"] == b["loss"], (a, b)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
         assert a["samples_seen"] == b["samples_seen"]
     for ema in (False, True):  # the EMA shards resume exactly too
         w_straight, _ = load_model_weights(straight_dir, ema=ema)
-        w_resumed, _ = load_model_weights(tmp_path, ema=ema)
+        w_resumed, _ = load_model_weights(run_dir, ema=ema)
         assert all(torch.equal(w_straight[k], w_resumed[k]) for k in w_straight), ema
 
 
