@@ -157,6 +157,18 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> None:
                 module.float()
 
 
+@contextlib.contextmanager
+def _without_random_init():
+    """transformers' own switch that turns torch's and the model's weight initialisers into no-ops while a model is
+    built (what its from_pretrained does): parameters hold uninitialised memory until the checkpoint is loaded."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # transformers 4
+    with no_init_weights():
+        yield
+
+
 def load_strict(
     build: Callable[[set[str]], nn.Module],
     directory: Path,
@@ -169,14 +181,16 @@ def load_strict(
     """Build a model with `build(checkpoint_keys)` and load every tensor of `directory` into it, strictly.
 
     `meta=True` builds on the meta device and adopts the checkpoint's tensors (no random init of billions of
-    parameters, no second copy); the model must then have no buffer it computes itself. `ignore_unexpected` lists
+    parameters, no second copy); the model must then have no buffer it computes itself. Otherwise the model is
+    built in memory without its random init (every parameter is overwritten by the checkpoint, and strict loading
+    refuses one that is not), keeping the buffers it computes. `ignore_unexpected` lists
     key prefixes the caller knowingly drops (logged with their count); anything else missing, unexpected or
     mis-shaped raises a ValueError listing the keys (`src.models.weights.strict_load`). Returns the model in
     `dtype`, eval mode, frozen.
     """
     ignore = tuple(ignore_unexpected)
     state = read_state_dict(directory, skip=ignore)  # the ignored tensors are never read
-    with torch.device("meta") if meta else contextlib.nullcontext():
+    with torch.device("meta") if meta else _without_random_init():
         model = build(set(state))
     own = set(model.state_dict())
     state = _align_prefixes(state, own, prefixes, what)

@@ -141,13 +141,15 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     dist = init_distributed(cfg.dist_backend, sp_size=cfg.parallel.get("sp_size", 1), timeout_s=cfg.dist_timeout_s)
     run_dir = run_dir.resolve()
     start_directory(cfg, run_dir, dist)
+    ckpt_dir = checkpoint_dir(run_dir)
+    # `latest` checked against its manifest (or the newest intact one taken), or refused: before anything is built
+    resume_tag(ckpt_dir, cfg.resume)
     build_engine = instantiate(cfg.parallel)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and engine, whatever the encoders
     # the engine's way to build the model: whole, on meta on ranks > 0 (FSDP2), partitioned as built (ZeRO-3)
     construction = construction_for(build_engine)
     with construction.build():
         model = instantiate(cfg.model)
-    ckpt_dir = checkpoint_dir(run_dir)
     new_stage = bool(cfg.get("init_from")) and latest_tag(ckpt_dir) is None
     if new_stage:  # declared transition from the previous stage's final checkpoint
         rules = OmegaConf.to_container(cfg.transition, resolve=True)
@@ -175,7 +177,6 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     if cfg.ema is not None:
         engine.init_ema()  # from the starting weights; a resumed run loads its own below
 
-    resume_tag(ckpt_dir, cfg.resume)  # `latest` checked against its manifest (or the newest intact one), or refused
     state = engine.load(ckpt_dir) or {"step": 0, "samples_seen": 0, "data": None, "skipped": {}, "failed": {}}
     global_batches = GlobalBatches(state.get("global_batches"), cfg.resume_batch_change)  # refused if changed
     if state["step"]:
