@@ -48,13 +48,23 @@ def _masters(engine) -> dict[str, torch.Tensor]:
     return {n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in engine.module.named_parameters()}
 
 
-def _zero3_worker(rank: int, world: int, port: int, precision: str, init_from, results) -> None:
-    from src.parallel.deepspeed import DeepSpeedEngine
+def _zero3_worker(rank: int, world: int, port: int, cases: dict[str, tuple[str, str | None]], results) -> None:
+    """Each case (precision, init_from) in turn on one process group: results[(case, rank)] (_build_both)."""
     from src.parallel.dist import shutdown
 
     info = _setup(rank, world, port)
+    for case, (precision, init_from) in cases.items():
+        results[(case, rank)] = _build_both(info.device, precision, init_from)
+    shutdown()
+
+
+def _build_both(device: torch.device, precision: str, init_from: str | None) -> dict:
+    """The model built whole on every rank, and under the ZeRO-3 construction (then `init_from` loaded into its
+    partitions), each from seed 0 and wrapped in a DeepSpeed engine: weights, fp32 masters, RNG, shapes, share."""
+    from src.parallel.deepspeed import DeepSpeedEngine
+
     torch.manual_seed(0)
-    whole = _engine(MMDiT(**tiny_model_kwargs(**KWARGS)), precision, info.device)  # every rank builds it all
+    whole = _engine(MMDiT(**tiny_model_kwargs(**KWARGS)), precision, device)  # every rank builds it all
     whole_rng = torch.get_rng_state()
     construction = construction_for(functools.partial(DeepSpeedEngine, zero_stage=3, precision=precision))
     torch.manual_seed(0)
@@ -65,8 +75,8 @@ def _zero3_worker(rank: int, world: int, port: int, precision: str, init_from, r
     shapes = construction.shapes(model)
     if init_from is not None:
         apply_transition(model, init_from, [], None, construction)
-    sharded = _engine(model, precision, info.device)
-    results[rank] = {
+    sharded = _engine(model, precision, device)
+    return {
         "same_rng": torch.equal(rng, whole_rng),
         "held": held,
         "shapes": shapes,
@@ -75,7 +85,6 @@ def _zero3_worker(rank: int, world: int, port: int, precision: str, init_from, r
         "whole_weights": whole.full_state_dict(),
         "whole_masters": _masters(whole),
     }
-    shutdown()
 
 
 def _spawn(worker, world: int, *args) -> dict:
@@ -97,13 +106,38 @@ def _assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
         assert torch.equal(got[key].view(value.shape), value), key
 
 
+@pytest.fixture(scope="module")
+def previous(tmp_path_factory) -> tuple[str, dict[str, torch.Tensor]]:
+    """A previous stage's weights (seed 1, the output layer drawn: zero in a fresh model, so a loaded value shows),
+    as a safetensors file."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    weights = {k: v.contiguous() for k, v in MMDiT(**tiny_model_kwargs(**KWARGS)).state_dict().items()}
+    weights["final_layer.linear.weight"].normal_()
+    path = tmp_path_factory.mktemp("previous") / "previous.safetensors"
+    save_file(weights, path)
+    return str(path), weights
+
+
+@pytest.fixture(scope="module")
+def two_ranks(previous) -> dict:
+    """The 2-rank cases in one spawn (each spawn costs seconds of startup): case -> rank -> _build_both."""
+    cases = {"fp32": ("fp32", None), "bf16": ("bf16", None), "init_from": ("fp32", previous[0])}
+    results = _spawn(_zero3_worker, 2, cases)
+    return {case: {rank: results[(case, rank)] for rank in (0, 1)} for case in cases}
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("world, precision", [(1, "fp32"), (2, "fp32"), (2, "bf16")])
-def test_zero3_built_under_zero_init_holds_the_seeded_weights_partitioned(world, precision):
+def test_zero3_built_under_zero_init_holds_the_seeded_weights_partitioned(world, precision, request):
     torch.manual_seed(0)
     seeded = MMDiT(**tiny_model_kwargs(**KWARGS)).state_dict()
     total = sum(v.numel() for v in seeded.values())
-    results = _spawn(_zero3_worker, world, precision, None)
+    if world == 1:
+        results = {0: _spawn(_zero3_worker, 1, {precision: (precision, None)})[(precision, 0)]}
+    else:
+        results = request.getfixturevalue("two_ranks")[precision]
     for rank in range(world):
         out = results[rank]
         assert out["same_rng"]  # the construction drew the same random numbers as a plain build
@@ -116,17 +150,10 @@ def test_zero3_built_under_zero_init_holds_the_seeded_weights_partitioned(world,
 
 
 @pytest.mark.dist
-def test_init_from_loads_into_zero3_partitions(tmp_path):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(1)
-    previous = {k: v.contiguous() for k, v in MMDiT(**tiny_model_kwargs(**KWARGS)).state_dict().items()}
-    previous["final_layer.linear.weight"].normal_()  # zero in a fresh model: a loaded value shows
-    save_file(previous, tmp_path / "previous.safetensors")
-    results = _spawn(_zero3_worker, 2, "fp32", tmp_path / "previous.safetensors")
+def test_init_from_loads_into_zero3_partitions(two_ranks, previous):
     for rank in (0, 1):
-        _assert_equal(results[rank]["weights"], previous)
-        _assert_equal(results[rank]["masters"], previous)
+        _assert_equal(two_ranks["init_from"][rank]["weights"], previous[1])
+        _assert_equal(two_ranks["init_from"][rank]["masters"], previous[1])
 
 
 @pytest.mark.dist

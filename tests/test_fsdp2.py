@@ -133,15 +133,25 @@ def _spawn(worker, world: int, *args) -> dict:
 
 
 def _step_worker(rank: int, world: int, port: int, options: dict, frozen: bool, results) -> None:
+    _cases_worker(rank, world, port, {"": (options, frozen)}, results)
+
+
+def _cases_worker(rank: int, world: int, port: int, cases: dict[str, tuple[dict, bool]], results) -> None:
+    """Each case (engine options, frozen) in turn on one process group: a fresh engine from the same seed, 1 step
+    (2 when frozen, to see the unfreeze); results[(case, rank)]."""
     from src.parallel.dist import shutdown
 
-    info = _setup(rank, world, port, options.get("sp_size", 1))
-    engine, plan = _build(FSDP2Engine, frozen, meta=options.pop("meta", False) and rank > 0, **options)
-    rng = torch.get_rng_state()
-    init = engine.full_state_dict()
-    local_numel = sum(p.to_local().numel() for p in engine.module.parameters())
-    rows = _train(engine, plan, range(2 if frozen else 1), info.dp_rank, info.dp_world)
-    results[rank] = {"init": init, "local_numel": local_numel, "rows": rows, "rng": rng}
+    sp_sizes = {options.get("sp_size", 1) for options, _ in cases.values()}
+    assert len(sp_sizes) == 1, f"one process group per spawn: sp_size {sp_sizes}"
+    info = _setup(rank, world, port, sp_sizes.pop())
+    for case, (options, frozen) in cases.items():
+        options = dict(options)
+        engine, plan = _build(FSDP2Engine, frozen, meta=options.pop("meta", False) and rank > 0, **options)
+        rng = torch.get_rng_state()
+        init = engine.full_state_dict()
+        local_numel = sum(p.to_local().numel() for p in engine.module.parameters())
+        rows = _train(engine, plan, range(2 if frozen else 1), info.dp_rank, info.dp_world)
+        results[(case, rank)] = {"init": init, "local_numel": local_numel, "rows": rows, "rng": rng}
     shutdown()
 
 
@@ -152,6 +162,7 @@ def _reference(frozen: bool, steps: int) -> list[dict]:
     return _train(engine, plan, range(steps), 0, 1)
 
 
+@functools.cache
 def _n_loss_and_grad() -> tuple[int, int]:
     """n of tests/numerics.py for the global batch through the tiny model: forward + the loss's mean; and the
     forward and backward passes."""
@@ -181,16 +192,35 @@ def _assert_same_step(row: dict, ref: dict, start: dict[str, torch.Tensor], step
         assert ((row["weights"][name] - ref["weights"][name]).abs() <= atol).all(), name
 
 
+# The 2-rank cases on one data-parallel process group (sp_size 1), run in turn in one spawn (each spawn costs
+# seconds of startup): dp2-meta: rank 1 builds the model on the meta device and receives rank 0's weights and RNG
+# state (src.train); hsdp2x1: two replicas of one rank each (HSDP), gradients averaged across the replicas instead
+# of within a shard; frozen: a frozen group for step 1, trainable from step 2.
+DATA_PARALLEL_CASES = {
+    "dp2": ({}, False),
+    "dp2-meta": ({"meta": True}, False),
+    "hsdp2x1": ({"replicate": 2}, False),
+    "frozen": ({}, True),
+}
+
+
+@pytest.fixture(scope="module")
+def data_parallel_steps() -> dict:
+    """case -> rank -> results of DATA_PARALLEL_CASES, from one 2-rank spawn."""
+    results = _spawn(_cases_worker, 2, DATA_PARALLEL_CASES)
+    return {case: {rank: results[(case, rank)] for rank in (0, 1)} for case in DATA_PARALLEL_CASES}
+
+
 @pytest.mark.dist
 @pytest.mark.numerics
-@pytest.mark.parametrize(
-    "sp_size, replicate, meta", [(1, 1, False), (1, 1, True), (2, 1, False), (1, 2, False)],
-    ids=["dp2", "dp2-meta", "sp2", "hsdp2x1"],
-)  # fmt: skip
-def test_one_step_on_two_ranks_equals_the_local_engine(sp_size, replicate, meta):
-    # dp2-meta: rank 1 builds the model on the meta device and receives rank 0's weights and RNG state (src.train);
-    # hsdp2x1: two replicas of one rank each (HSDP), gradients averaged across the replicas instead of within a shard
-    results = _spawn(_step_worker, 2, {"sp_size": sp_size, "replicate": replicate, "meta": meta}, False)
+@pytest.mark.parametrize("case", ["dp2", "dp2-meta", "sp2", "hsdp2x1"])
+def test_one_step_on_two_ranks_equals_the_local_engine(case, request):
+    if case == "sp2":  # one sequence-parallel group of 2 ranks: a process group of its own
+        spawned = _spawn(_step_worker, 2, {"sp_size": 2}, False)
+        results = {rank: spawned[("", rank)] for rank in (0, 1)}
+    else:
+        results = request.getfixturevalue("data_parallel_steps")[case]
+    replicate = DATA_PARALLEL_CASES.get(case, ({}, False))[0].get("replicate", 1)
     assert torch.equal(results[0]["rng"], results[1]["rng"])  # the same random numbers after construction
     reference = _reference(False, 1)
     initial = _model().state_dict()
@@ -214,14 +244,14 @@ def test_compiled_and_checkpointed_blocks_under_fsdp2_step_like_the_local_engine
     # torch.compile per block (FSDP's hooks stay outside the graphs) and activation checkpointing, both applied
     # before fully_shard; on 1 rank (compiling takes about 90 s on a CPU); one step within the same rounding bounds
     options = {"compile": True, "checkpoint_double": 1, "checkpoint_single": -1}
-    out = _spawn(_step_worker, 1, options, False)[0]
+    out = _spawn(_step_worker, 1, options, False)[("", 0)]
     _assert_same_step(out["rows"][0], _reference(False, 1)[0], _model().state_dict(), step=1)
 
 
 @pytest.mark.dist
 @pytest.mark.numerics
-def test_a_frozen_group_stays_bitwise_and_unfreezes_on_schedule():
-    results = _spawn(_step_worker, 2, {}, True)
+def test_a_frozen_group_stays_bitwise_and_unfreezes_on_schedule(data_parallel_steps):
+    results = data_parallel_steps["frozen"]
     reference = _reference(True, 2)
     initial = _model().state_dict()
     frozen = [k for k in initial if k.startswith("double_blocks.0.")]
