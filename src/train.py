@@ -20,7 +20,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from src.cli import exit_after_work
 from src.data.cached import READ_FAILURES
 from src.data.shards import DECODE_FAILURES
 from src.data.source import batch_features, training_condition
@@ -309,8 +308,7 @@ def main() -> None:
     # Every rank runs Hydra, but only rank 0 may write the .hydra/ folder and the log file.
     if int(os.environ.get("RANK", "0")) != 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
-    _hydra_main()  # a failure exits inside, with its own status
-    exit_after_work(0)
+    _hydra_main()
 
 
 if __name__ == "__main__":
