@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny MMDiT matching conf/model/mmdit_tiny.yaml, and the repository root."""
+"""Shared fixtures: a tiny MMDiT matching conf/model/mmdit_tiny.yaml, the repository root, and the smoke runs that
+several test modules compare against (launched once per session)."""
 
 import os
 from pathlib import Path
