@@ -106,6 +106,14 @@ def test_a_collective_whose_peer_never_comes_fails_after_the_process_group_timeo
     assert results["error"] and "timed out" in results["error"].lower(), results["error"]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.dist
 def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
     # two ZeRO-3 ranks through torchrun; rank 1 is frozen (SIGSTOP) once it has trained two steps
@@ -119,10 +127,14 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
         while pid is None and job.poll() is None and time.monotonic() < deadline:
             beats = read_heartbeats(heartbeat.parent, world=2)
             if beats.get(1, {}).get("step", 0) >= 2:
-                pid = beats[1]["pid"]
+                pid, rank0 = beats[1]["pid"], beats[0]["pid"]
                 os.kill(pid, signal.SIGSTOP)
             time.sleep(0.2)
         assert pid is not None, "rank 1 never trained two steps"
+        while job.poll() is None and time.monotonic() < deadline and _alive(rank0):
+            time.sleep(0.2)
+        # rank 0 has ended the job; let the frozen rank take torchrun's SIGTERM now rather than after its 30-s wait
+        os.kill(pid, signal.SIGCONT)
         output, _ = job.communicate(timeout=GUARD_S)
     finally:
         if job.poll() is None:
