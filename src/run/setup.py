@@ -1,8 +1,9 @@
 """Everything a training run builds once, before its first step: `setup(cfg, run_dir) -> Run`.
 
 The order matters and is the one a reader would check: the process group, the run directory (checked writable
-on every rank before anything is spent), the model (on the meta device where the engine materialises it from
-rank 0's weights), a declared stage transition, the engine, a resume from RUN_DIR/checkpoints, the data, the
+on every rank before anything is spent), the checkpoint to resume from (verified, or refused, before anything is
+built), the model (on the meta device where the engine materialises it from rank 0's weights), a declared stage
+transition, the engine, the resume from that checkpoint, the data, the
 encoders (only where the data source or the fixed-prompt evaluation needs them), the checks that the model fits
 its features, and the guards of the loop (sentinel, quarantine, stop requests, profiler). The watchdog is
 started by `train()` itself: it watches the function that starts it.
