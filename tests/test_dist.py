@@ -1,7 +1,9 @@
 """Process-group helpers on 2 gloo ranks: ranks must agree on the run directory; loss means and host counters are
-global. The backend chosen for a CUDA machine carries CPU tensors too (checked with torch.cuda mocked)."""
+global; shutdown leaves no gloo thread behind. The backend chosen for a CUDA machine carries CPU tensors too
+(checked with torch.cuda mocked)."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ def _worker(rank: int, port: int, results) -> None:
     )
     from src.parallel.dist import agree, all_mean, all_sum_counts, init_distributed, shutdown
 
-    info = init_distributed("gloo")
+    info = init_distributed("gloo", sp_size=2)
     out = {"rank": info.rank, "mean": all_mean(torch.tensor(float(rank + 1))).item()}
     out["counts"] = all_sum_counts({"corrupt": rank + 1, "truncated": 10 * rank})
     agree("/runs/a", "run directory")
@@ -22,8 +24,15 @@ def _worker(rank: int, port: int, results) -> None:
         agree(f"/runs/rank{rank}", "run directory")
     except ValueError as err:
         out["error"] = str(err)
-    results[rank] = out
+    del info  # it holds the sequence-parallel group
     shutdown()
+    out["gloo threads"] = _gloo_threads()
+    results[rank] = out
+
+
+def _gloo_threads() -> list[str]:
+    tasks = Path("/proc/self/task")
+    return [name for t in tasks.iterdir() if "gloo" in (name := (t / "comm").read_text().strip())]
 
 
 @pytest.mark.dist
@@ -33,6 +42,8 @@ def test_ranks_agree_or_fail_naming_each_rank():
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
     for rank in (0, 1):
+        # shutdown() joined every gloo thread: none is left to touch Python objects during finalization
+        assert results[rank]["gloo threads"] == []
         assert results[rank]["mean"] == 1.5
         assert results[rank]["counts"] == {"corrupt": 3, "truncated": 10}
         assert (

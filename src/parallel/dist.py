@@ -12,11 +12,14 @@ group reads the same batch; ZeRO-3 still shards and averages over all N ranks.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -185,6 +188,25 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Destroy every process group and collect what still held one, while the interpreter is whole: a gloo
+    group freed here joins its worker threads now.
+
+    One that outlives this (DeepSpeed keeps its groups in module globals and on every ZeRO-3 parameter, and
+    after a training run something outside Kiln still holds the default group) is freed during interpreter
+    finalization; if a worker thread of it then drops the last reference to a collective's tensor, it must take
+    the GIL, CPython ends it with pthread_exit and the process aborts ("terminate called without an active
+    exception", SIGABRT; measured in docs/design.md, "Ending a rank"). Worker entry points that have written
+    their results end with `exit_now`."""
     if dist.is_initialized():
         dist.destroy_process_group()
     _SP_GROUPS.clear()
+    gc.collect()
+
+
+def exit_now(code: int = 0) -> NoReturn:
+    """End this process at once with `code`, skipping interpreter finalization (see `shutdown`) and whatever
+    was registered to run at exit: only for worker entry points that have written their results."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
