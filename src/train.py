@@ -26,7 +26,7 @@ from src.data.source import batch_features, training_condition
 from src.evaluation import LearningAlarm, write_stage_report
 from src.flops import step_flops
 from src.integrity import POLICIES, save_checkpoint
-from src.parallel.dist import all_gather_objects, all_mean, all_sum_counts, barrier, shutdown
+from src.parallel.dist import all_gather_objects, all_mean, all_sum_counts, barrier
 from src.parallel.sp_guard import check_sequence_batches
 from src.parallel.state import ema_decay
 from src.run.metrics import truncate_after
@@ -294,18 +294,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> None:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    code = 0
     try:
         train(cfg, HydraConfig.get().runtime.output_dir)
     except LearningAlarm as alarm:  # eval.alarms=stop: the step is checkpointed; say why and exit non-zero
         log.error("stopped by a learning alarm (eval.alarms=stop): %s", alarm)
-        code = ALARM_EXIT
+        sys.exit(ALARM_EXIT)
     except Diverged as err:  # the sentinel ran out of rollbacks: the last good checkpoint stays `latest`
         log.error("stopped by the NaN/spike sentinel: %s", err)
-        code = DIVERGED_EXIT
-    shutdown()  # every rank ends here in step; the groups no engine still holds are joined before the exit
-    if code:
-        sys.exit(code)
+        sys.exit(DIVERGED_EXIT)
 
 
 def main() -> None:

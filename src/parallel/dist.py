@@ -195,8 +195,8 @@ def shutdown() -> None:
     after a training run something outside Kiln still holds the default group) is freed during interpreter
     finalization; if a worker thread of it then drops the last reference to a collective's tensor, it must take
     the GIL, CPython ends it with pthread_exit and the process aborts ("terminate called without an active
-    exception", SIGABRT; measured in docs/design.md, "Ending a rank"). Worker entry points that have written
-    their results end with `exit_now`."""
+    exception", SIGABRT; measured in docs/design.md, "Ending a rank"). The benchmarks' workers, which only write
+    a JSON file, end with `exit_now` instead."""
     if dist.is_initialized():
         dist.destroy_process_group()
     _SP_GROUPS.clear()
