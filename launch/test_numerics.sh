@@ -40,7 +40,7 @@ for cap in "${capabilities[@]}"; do
     mark=${KILN_NUMERICS_MARK:-numerics}
     echo "== ATEN_CPU_CAPABILITY=$cap: pytest -m \"$mark\""
     rc=0
-    ATEN_CPU_CAPABILITY=$cap "$PY" -m pytest tests -m "$mark" -q "$@" || rc=$?
+    ATEN_CPU_CAPABILITY=$cap "$PY" -m pytest -m "$mark" -q "$@" || rc=$?
     if [ "$rc" -ne 0 ]; then
         [ "$rc" -eq 5 ] && echo "== ATEN_CPU_CAPABILITY=$cap: no numerics test collected" >&2
         echo "== ATEN_CPU_CAPABILITY=$cap: failed (pytest exit code $rc)" >&2
