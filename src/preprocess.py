@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from src.data.preprocess import preprocess
+from src.parallel.dist import leave
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -31,3 +32,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave()  # once every rank has finished; no interpreter finalization (src.parallel.dist.leave)

@@ -26,7 +26,7 @@ from src.data.source import batch_features, training_condition
 from src.evaluation import LearningAlarm, write_stage_report
 from src.flops import step_flops
 from src.integrity import POLICIES, save_checkpoint
-from src.parallel.dist import all_gather_objects, all_mean, all_sum_counts, barrier
+from src.parallel.dist import all_gather_objects, all_mean, all_sum_counts, barrier, leave
 from src.parallel.sp_guard import check_sequence_batches
 from src.parallel.state import ema_decay
 from src.run.metrics import truncate_after
@@ -313,3 +313,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave()  # once every rank has finished; no interpreter finalization (src.parallel.dist.leave)

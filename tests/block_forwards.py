@@ -10,10 +10,13 @@ import runpy
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
+import src.parallel.dist as kiln_dist
 from src.models.layers import DoubleStreamBlock, SingleStreamBlock
+from src.parallel.dist import leave
 
 COUNTS: dict[str, list[int]] = defaultdict(lambda: [0, 0])
 
@@ -38,11 +41,20 @@ def main() -> None:
     out_dir = Path(sys.argv.pop(1))
     for cls in (DoubleStreamBlock, SingleStreamBlock):
         counted(cls)
-    try:
-        runpy.run_module("src.train", run_name="__main__", alter_sys=True)
-    finally:
+
+    def write_counts() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(COUNTS))
+
+    def write_counts_and_leave() -> NoReturn:  # src.train's last call, which ends the process
+        write_counts()
+        leave()
+
+    kiln_dist.leave = write_counts_and_leave
+    try:
+        runpy.run_module("src.train", run_name="__main__", alter_sys=True)
+    finally:  # src.train raised: the counts so far
+        write_counts()
 
 
 if __name__ == "__main__":

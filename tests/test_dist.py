@@ -1,6 +1,6 @@
 """Process-group helpers on 2 gloo ranks: ranks must agree on the run directory; loss means and host counters are
-global; shutdown leaves no gloo thread behind. The backend chosen for a CUDA machine carries CPU tensors too
-(checked with torch.cuda mocked)."""
+global; shutdown leaves no gloo thread behind; leave waits for every rank, then skips finalization. The backend
+chosen for a CUDA machine carries CPU tensors too (checked with torch.cuda mocked)."""
 
 import os
 from pathlib import Path
@@ -83,3 +83,63 @@ def test_a_cuda_machine_joins_one_group_for_cpu_and_cuda_tensors(monkeypatch):
     info = kiln_dist.init_distributed("auto")
     assert calls == {"device": 3, "backend": "cpu:gloo,cuda:nccl"}
     assert info.device == torch.device("cuda", 3) and info.rank == 3 and info.world_size == 8
+
+
+def _leaving_worker(rank: int, port: int, folder: str, late_rank: int, absent_rank: int) -> None:
+    import atexit
+    import logging
+    import time
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    from src.parallel.dist import init_distributed, leave
+
+    logging.basicConfig(filename=f"{folder}/rank{rank}.log", level=logging.INFO)
+    atexit.register(lambda: Path(folder, f"finalized{rank}").touch())
+    init_distributed("gloo")
+    if rank == absent_rank:  # never leaves: its peer must give up after the timeout
+        time.sleep(4)
+        os._exit(0)
+    if rank == late_rank:
+        time.sleep(2)
+        Path(folder, f"arrived{rank}").touch()
+    leave(timeout_s=2)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("late_rank", [0, 1])  # rank 0 hosts the store here: it may leave first or last
+def test_a_rank_leaves_only_once_every_rank_has_finished_and_skips_finalization(tmp_path, late_rank):
+    import multiprocessing
+
+    from src.parallel.dist import _free_port
+
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_leaving_worker, args=(r, port, str(tmp_path), late_rank, -1)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    early = procs[1 - late_rank]
+    early.join(timeout=60)
+    assert early.exitcode == 0
+    assert (tmp_path / f"arrived{late_rank}").exists()  # the early rank waited for the late one
+    procs[late_rank].join(timeout=60)
+    assert procs[late_rank].exitcode == 0
+    assert not list(tmp_path.glob("finalized*"))  # os._exit: no atexit handler, no finalization
+
+
+@pytest.mark.dist
+def test_a_rank_whose_peer_never_finishes_leaves_after_the_timeout_naming_it(tmp_path):
+    import multiprocessing
+
+    from src.parallel.dist import _free_port
+
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_leaving_worker, args=(r, port, str(tmp_path), -1, 1)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    procs[0].join(timeout=60)
+    assert procs[0].exitcode == 0
+    assert "rank 0 leaves after 2 s without ranks [1]: they never finished" in (tmp_path / "rank0.log").read_text()
+    procs[1].join(timeout=60)

@@ -51,7 +51,7 @@ def _measure(out: Path, engine_name: str, model_kwargs: dict, init_from: str | N
     from src.config import CONF
     from src.models.mmdit import MMDiT
     from src.parallel.construction import construction_for
-    from src.parallel.dist import all_gather_objects, exit_now, init_distributed
+    from src.parallel.dist import all_gather_objects, init_distributed, leave
     from src.run.param_groups import warmup_schedule
     from src.run.transitions import apply_transition
 
@@ -84,7 +84,7 @@ def _measure(out: Path, engine_name: str, model_kwargs: dict, init_from: str | N
     if info.is_main:
         record = {"engine": engine_name, "ranks": info.world_size, "parameters": n_params, "per_rank": every}
         out.write_text(json.dumps(record))
-    exit_now()  # DeepSpeed holds gloo groups that finalization could abort on (`src.parallel.dist.shutdown`)
+    leave()  # DeepSpeed holds gloo groups that finalization could abort on (`src.parallel.dist.leave`)
 
 
 def run(engine: str, ranks: int, model_kwargs: dict, init_from: str | None) -> dict:

@@ -45,7 +45,7 @@ def _measure(out: Path, model_overrides: dict, precision: str) -> None:
 
     from src.models.mmdit import MMDiT
     from src.parallel.deepspeed import DeepSpeedEngine
-    from src.parallel.dist import exit_now, init_distributed
+    from src.parallel.dist import init_distributed, leave
     from src.run.param_groups import warmup_schedule
 
     info = init_distributed("gloo")
@@ -69,7 +69,7 @@ def _measure(out: Path, model_overrides: dict, precision: str) -> None:
     dist.all_gather_object(every, mine)
     if info.is_main:
         out.write_text(json.dumps({"ranks": info.world_size, "parameters": n_params, "per_rank": every}))
-    exit_now()  # DeepSpeed holds gloo groups that finalization could abort on (`src.parallel.dist.shutdown`)
+    leave()  # DeepSpeed holds gloo groups that finalization could abort on (`src.parallel.dist.leave`)
 
 
 def run_workers(module: str, ranks: int, worker_args: list[str], what: str) -> dict:

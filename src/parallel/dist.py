@@ -196,11 +196,44 @@ def shutdown() -> None:
     finalization; if a worker thread of it then drops the last reference to a collective's tensor, it must take
     the GIL, CPython ends it with pthread_exit and the process aborts ("terminate called without an active
     exception", SIGABRT; measured in docs/design.md, "Ending a rank"). The benchmarks' workers, which only write
-    a JSON file, end with `exit_now` instead."""
+    a JSON file, and `src.train`, end with `leave` instead."""
     if dist.is_initialized():
         dist.destroy_process_group()
     _SP_GROUPS.clear()
     gc.collect()
+
+
+def leave(timeout_s: float = 120.0) -> NoReturn:
+    """End a rank whose command has finished, without interpreter finalization: once every rank of the job has
+    set its key in the rendezvous store (each sets it after its last collective, so no rank still has a message
+    in flight to a peer), `exit_now(0)`.
+
+    Finalization is where the gloo groups that outlive a run are freed (DeepSpeed holds its groups past
+    `destroy_process_group`): a worker thread can abort the process there (see `shutdown`), or, its peers gone,
+    spin in `gloo_tcp_loop` without end (docs/design.md, "Ending a rank"). A rank that waits more than
+    `timeout_s` for the others logs which ranks never arrived and leaves anyway: its own work is done. In a
+    group of one, or with none, it only flushes and exits."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        missing = _wait_for_every_rank(dist.get_rank(), dist.get_world_size(), timeout_s)
+        if missing:
+            log.warning("rank %d leaves after %.0f s without ranks %s: they never finished", dist.get_rank(),
+                        timeout_s, missing)  # fmt: skip
+    exit_now(0)
+
+
+def _wait_for_every_rank(rank: int, world: int, timeout_s: float) -> list[int]:
+    """Set this rank's key and wait until every rank's is set; the ranks still missing at the timeout."""
+    store = dist.distributed_c10d._get_default_store()
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted job must not see old keys
+    keys = [f"kiln/finished/{attempt}/{r}" for r in range(world)]
+    store.set(keys[rank], "1")
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except dist.DistStoreError:  # the timeout: name who is missing
+        return [r for r, key in enumerate(keys) if not store.check([key])]
+    except dist.DistError:  # the store's host (rank 0 without torchrun's agent) left: it had seen every key
+        pass
+    return []
 
 
 def exit_now(code: int = 0) -> NoReturn:
