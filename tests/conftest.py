@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny MMDiT matching conf/model/mmdit_tiny.yaml, the repository root, and the smoke runs that
 several test modules compare against (launched once per session)."""
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,48 @@ import torch
 from src.config import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Every process a test starts inherits this pytest process's id, so that what outlives its test can be found:
+# when subprocess.run(timeout=...) kills a hung torchrun, its ranks (each a session leader) keep running.
+OWNER = "KILN_TEST_OWNER"
+os.environ[OWNER] = str(os.getpid())
+
+
+def left_running() -> dict[int, str]:
+    """{pid: command} of the processes this pytest process started (its id in their environment) that are no
+    longer its descendants: orphans, such as the ranks of a killed torchrun."""
+    parents, marked = {}, {}
+    mine = f"{OWNER}={os.getpid()}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if mine in (proc / "environ").read_bytes().split(b"\0"):
+                marked[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+
+    def descends_from_me(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return {pid: cmd for pid, cmd in marked.items() if not descends_from_me(pid)}
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_running():
+    """Fail the test that leaves a process running (a hung rank would slow every later test), and end it."""
+    yield
+    left = left_running()
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        pytest.fail("processes left running, now killed: " + "; ".join(f"{p}: {c[:200]}" for p, c in left.items()))
 
 
 def clean_env() -> dict[str, str]:
