@@ -85,7 +85,7 @@ def test_a_cuda_machine_joins_one_group_for_cpu_and_cuda_tensors(monkeypatch):
     assert info.device == torch.device("cuda", 3) and info.rank == 3 and info.world_size == 8
 
 
-def _leaving_worker(rank: int, port: int, folder: str, late_rank: int, absent_rank: int) -> None:
+def _leaving_worker(rank: int, port: int, folder: str, late_rank: int, absent_rank: int, timeout_s: float) -> None:
     import atexit
     import logging
     import time
@@ -99,12 +99,12 @@ def _leaving_worker(rank: int, port: int, folder: str, late_rank: int, absent_ra
     atexit.register(lambda: Path(folder, f"finalized{rank}").touch())
     init_distributed("gloo")
     if rank == absent_rank:  # never leaves: its peer must give up after the timeout
-        time.sleep(4)
+        time.sleep(3 * timeout_s)
         os._exit(0)
     if rank == late_rank:
         time.sleep(2)
         Path(folder, f"arrived{rank}").touch()
-    leave(timeout_s=2)
+    leave(timeout_s=timeout_s)
 
 
 @pytest.mark.dist
@@ -116,14 +116,14 @@ def test_a_rank_leaves_only_once_every_rank_has_finished_and_skips_finalization(
 
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_leaving_worker, args=(r, port, str(tmp_path), late_rank, -1)) for r in (0, 1)]
+    procs = [ctx.Process(target=_leaving_worker, args=(r, port, str(tmp_path), late_rank, -1, 60)) for r in (0, 1)]
     for p in procs:
         p.start()
     early = procs[1 - late_rank]
-    early.join(timeout=60)
+    early.join(timeout=120)
     assert early.exitcode == 0
     assert (tmp_path / f"arrived{late_rank}").exists()  # the early rank waited for the late one
-    procs[late_rank].join(timeout=60)
+    procs[late_rank].join(timeout=120)
     assert procs[late_rank].exitcode == 0
     assert not list(tmp_path.glob("finalized*"))  # os._exit: no atexit handler, no finalization
 
@@ -136,10 +136,10 @@ def test_a_rank_whose_peer_never_finishes_leaves_after_the_timeout_naming_it(tmp
 
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_leaving_worker, args=(r, port, str(tmp_path), -1, 1)) for r in (0, 1)]
+    procs = [ctx.Process(target=_leaving_worker, args=(r, port, str(tmp_path), -1, 1, 3)) for r in (0, 1)]
     for p in procs:
         p.start()
     procs[0].join(timeout=60)
     assert procs[0].exitcode == 0
-    assert "rank 0 leaves after 2 s without ranks [1]: they never finished" in (tmp_path / "rank0.log").read_text()
+    assert "rank 0 leaves after 3 s without ranks [1]: they never finished" in (tmp_path / "rank0.log").read_text()
     procs[1].join(timeout=60)

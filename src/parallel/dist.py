@@ -229,11 +229,14 @@ def _wait_for_every_rank(rank: int, world: int, timeout_s: float) -> list[int]:
     store.set(keys[rank], "1")
     try:
         store.wait(keys, timedelta(seconds=timeout_s))
+        return []
     except dist.DistStoreError:  # the timeout: name who is missing
-        return [r for r, key in enumerate(keys) if not store.check([key])]
+        try:
+            return [r for r, key in enumerate(keys) if not store.check([key])]
+        except dist.DistError:  # the host left meanwhile, which it does only once every key is set
+            return []
     except dist.DistError:  # the store's host (rank 0 without torchrun's agent) left: it had seen every key
-        pass
-    return []
+        return []
 
 
 def exit_now(code: int = 0) -> NoReturn:
