@@ -13,12 +13,11 @@ export PYTHON          # install.sh and test_numerics.sh use the same one
 bash launch/install.sh
 "$PYTHON" -m ruff check src tests
 "$PYTHON" -m ruff format --check src tests
-# One pytest process unless KILN_TEST_WORKERS asks for more (pytest-xdist workers that each take whole files):
-# two workers cut the suite to about 19 min on 2 cores, but two of three such clean-clone runs hung in the 4-rank
-# sequence-parallel test (ranks spinning in gloo at exit; docs/design.md, "Ending a rank").
+# Two pytest workers (pytest-xdist, KILN_TEST_WORKERS; 0: one process), each given whole files so that a file's
+# fixtures are built once: one process leaves about 30% of 2 cores idle while processes start, import and wait.
 workers=()
-if [ "${KILN_TEST_WORKERS:-0}" -gt 0 ]; then
-    workers=(-n "$KILN_TEST_WORKERS" --dist loadfile)
+if [ "${KILN_TEST_WORKERS:-2}" -gt 0 ]; then
+    workers=(-n "${KILN_TEST_WORKERS:-2}" --dist loadfile)
 fi
 # pytest exits 5 when it collects no test: that is a failure here, as is any other non-zero code.
 "$PYTHON" -m pytest -q "${workers[@]}" "$@"  # testpaths (pyproject.toml) is tests/ unless a path is given
