@@ -20,6 +20,7 @@ from src.parallel.construction import construction_for
 from src.run.param_groups import warmup_schedule
 from src.run.transitions import apply_transition
 from tests.conftest import tiny_model_kwargs
+from tests.ranks import spawn_ranks
 
 KWARGS = {"cond_channels": 49}  # the tiny model with an I2V input: a second layer zeroed through Module.apply
 
@@ -91,7 +92,7 @@ def _spawn(worker, world: int, *args) -> dict:
     from src.parallel.dist import _free_port
 
     results = mp.Manager().dict()
-    mp.spawn(worker, args=(world, _free_port(), *args, results), nprocs=world, join=True)
+    spawn_ranks(worker, world, (world, _free_port(), *args, results))
     return dict(results)
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.ranks import spawn_ranks
+
 
 def _worker(rank: int, port: int, results) -> None:
     os.environ.update(
@@ -40,7 +42,7 @@ def test_ranks_agree_or_fail_naming_each_rank():
     from src.parallel.dist import _free_port
 
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, (_free_port(), results))
     for rank in (0, 1):
         # shutdown() joined every gloo thread: none is left to touch Python objects during finalization
         assert results[rank]["gloo threads"] == []

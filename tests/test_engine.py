@@ -12,6 +12,7 @@ from src.parallel.local import LocalEngine
 from src.run.param_groups import warmup_schedule
 from tests.conftest import tiny_model_kwargs
 from tests.numerics import accumulation_length, adam_moments_atol, adam_update_atol, rounding_atol
+from tests.ranks import spawn_ranks
 
 
 def make_engine(seed: int = 0) -> LocalEngine:
@@ -185,6 +186,6 @@ def test_built_zero3_engine_reduces_in_fp32():
     from src.parallel.dist import _free_port
 
     results = mp.Manager().dict()
-    mp.spawn(_zero3_reduce_dtype, args=(_free_port(), results), nprocs=1, join=True)
+    spawn_ranks(_zero3_reduce_dtype, 1, (_free_port(), results))
     assert results["engine"] == torch.float32 and results["zero3"] == torch.float32
     assert results["grad_norm"] > 0  # a step with fp32 reduction runs (gloo)

@@ -32,6 +32,7 @@ from src.run.metrics import read_metrics
 from src.run.param_groups import ParamPlan, enter_phase, warmup_schedule
 from tests.conftest import tiny_model_kwargs
 from tests.numerics import accumulation_length, adam_moments_atol, adam_update_atol, rounding_atol
+from tests.ranks import spawn_ranks
 from tests.test_train import EVERY_STEP, PARITY_EPS, assert_same_training, train
 
 LR, BETAS, ADAM_EPS = 1e-3, (0.9, 0.999), 1e-8
@@ -128,7 +129,7 @@ def _spawn(worker, world: int, *args) -> dict:
     from src.parallel.dist import _free_port
 
     results = mp.Manager().dict()
-    mp.spawn(worker, args=(world, _free_port(), *args, results), nprocs=world, join=True)
+    spawn_ranks(worker, world, (world, _free_port(), *args, results))
     return dict(results)
 
 

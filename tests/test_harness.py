@@ -1,11 +1,17 @@
-"""The suite's own guard (tests/conftest.py): a process that outlives the test that started it, such as a rank of a
-torchrun killed by a timeout, is found, named and killed, and fails that test instead of slowing every later one."""
+"""The suite's own guards: a process that outlives the test that started it, such as a rank of a torchrun killed by
+a timeout, is found, named and killed, and fails that test instead of slowing every later one (tests/conftest.py);
+a spawned rank that hangs is killed at its deadline, its stacks dumped, and the test fails naming it
+(tests/ranks.py)."""
 
 import os
 import signal
 import subprocess
+import time
+
+import pytest
 
 from tests.conftest import clean_env, left_running
+from tests.ranks import spawn_ranks
 
 
 def test_an_orphaned_process_is_found_and_a_running_child_is_not():
@@ -23,3 +29,19 @@ def test_an_orphaned_process_is_found_and_a_running_child_is_not():
         os.kill(orphan, signal.SIGKILL)
         child.kill()
         child.wait()
+
+
+def _hang_on_rank_one(rank: int, marker: str) -> None:
+    print(marker, rank, flush=True)
+    if rank == 1:
+        time.sleep(600)  # a rank that never returns, as one spinning in gloo does
+
+
+def test_a_hung_rank_is_killed_at_its_deadline_and_named(capfd):
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match=r"_hang_on_rank_one: ranks \[1\] of 2 still running after 5 s"):
+        spawn_ranks(_hang_on_rank_one, 2, ("started",), timeout_s=5)
+    assert time.monotonic() - start < 60
+    err = capfd.readouterr()
+    assert "started 0" in err.out and "started 1" in err.out
+    assert "in _hang_on_rank_one" in err.err  # the hung rank's Python stack, dumped before it was killed

@@ -6,6 +6,8 @@ import signal
 import pytest
 import torch.multiprocessing as mp
 
+from tests.ranks import spawn_ranks
+
 
 def _worker(rank: int, port: int, run_dir: str, results) -> None:
     os.environ.update(
@@ -30,7 +32,7 @@ def test_sigusr1_to_rank_1_stops_every_rank_and_says_so(tmp_path):
     from src.parallel.dist import _free_port
 
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), results), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, (_free_port(), str(tmp_path), results))
     for rank in (0, 1):
         assert results[rank]["before"] == (False, "not requested")
         assert results[rank]["signalled"] == (True, "SIGUSR1 to rank 1")  # rank 0 logs it: no "STOP exists"

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from src.models.mmdit import MMDiT
 from tests.conftest import tiny_model_kwargs
+from tests.ranks import spawn_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -112,7 +113,7 @@ def test_sequence_parallel_matches_the_unsharded_model(world, sp):
     from src.parallel.dist import _free_port
 
     results = mp.Manager().dict()
-    mp.spawn(_parity_worker, args=(world, sp, _free_port(), results), nprocs=world, join=True)
+    spawn_ranks(_parity_worker, world, (world, sp, _free_port(), results))
     for rank in range(world):
         assert len(results[rank]) == 2 * len(SHAPES)
         for row in results[rank]:
@@ -159,7 +160,7 @@ def test_impossible_settings_are_refused_by_name():
     with pytest.raises(ValueError, match="sp_size=0"):
         check_sp_size(0, 2)
     results = mp.Manager().dict()
-    mp.spawn(_refusal_worker, args=(_free_port(), results), nprocs=2, join=True)
+    spawn_ranks(_refusal_worker, 2, (_free_port(), results))
     assert "sp_size=2 does not divide the model's 1 attention heads" in results[0]
     assert "valid sp_size for this model: [1]" in results[0]
 
@@ -199,7 +200,7 @@ def test_the_guard_stops_a_group_whose_ranks_read_different_batches(tmp_path):
     from src.parallel.dist import _free_port
 
     results = mp.Manager().dict()
-    mp.spawn(_guard_worker, args=(_free_port(), str(tmp_path), results), nprocs=2, join=True)
+    spawn_ranks(_guard_worker, 2, (_free_port(), str(tmp_path), results))
     for rank in (0, 1):
         direct, trained = results[rank]["direct"], results[rank]["train"]
         assert "out of step at step 7: ranks 0, 1 (data-parallel rank 0) hold different batches" in direct

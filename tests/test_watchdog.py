@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from src.run.watchdog import HANG_EXIT, Watchdog, read_heartbeats, stall_message
 from tests.conftest import ROOT, clean_env
+from tests.ranks import spawn_ranks
 
 GUARD_S = 300  # how long a test waits for what must happen before calling it a hang (not a speed requirement)
 
@@ -102,7 +103,7 @@ def test_a_collective_whose_peer_never_comes_fails_after_the_process_group_timeo
 
     manager = mp.Manager()
     results, release = manager.dict(), manager.Event()
-    mp.spawn(_wait_for_a_peer_that_never_comes, args=(_free_port(), results, release), nprocs=2, join=True)
+    spawn_ranks(_wait_for_a_peer_that_never_comes, 2, (_free_port(), results, release))
     assert results["error"] and "timed out" in results["error"].lower(), results["error"]
 
 
