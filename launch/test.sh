@@ -19,8 +19,9 @@ workers=()
 if [ "${KILN_TEST_WORKERS:-2}" -gt 0 ]; then
     workers=(-n "${KILN_TEST_WORKERS:-2}" --dist loadfile)
 fi
+# --durations: the 20 slowest tests are listed, so a slower run says where its time went.
 # pytest exits 5 when it collects no test: that is a failure here, as is any other non-zero code.
-"$PYTHON" -m pytest -q "${workers[@]}" "$@"  # testpaths (pyproject.toml) is tests/ unless a path is given
+"$PYTHON" -m pytest -q --durations=20 "${workers[@]}" "$@"  # testpaths (pyproject.toml) is tests/ unless a path is given
 if [ "$#" -eq 0 ]; then
     KILN_NUMERICS_SKIP_NATIVE=1 KILN_NUMERICS_MARK="numerics and not dist" bash launch/test_numerics.sh
 fi

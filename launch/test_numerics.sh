@@ -40,7 +40,12 @@ for cap in "${capabilities[@]}"; do
     mark=${KILN_NUMERICS_MARK:-numerics}
     echo "== ATEN_CPU_CAPABILITY=$cap: pytest -m \"$mark\""
     rc=0
-    ATEN_CPU_CAPABILITY=$cap "$PY" -m pytest -m "$mark" -q "$@" || rc=$?
+    # Each kernel set compiles into its own, new inductor cache: inductor's cache key leaves the kernel set out,
+    # so a kernel generated with AVX2 vectors (at::vec) would be reused under `default` and fail to compile there
+    # (test_engine's compiled-blocks test did, 2026-12-03)
+    cache=$(mktemp -d)
+    ATEN_CPU_CAPABILITY=$cap TORCHINDUCTOR_CACHE_DIR=$cache "$PY" -m pytest -m "$mark" -q "$@" || rc=$?
+    rm -rf "$cache"
     if [ "$rc" -ne 0 ]; then
         [ "$rc" -eq 5 ] && echo "== ATEN_CPU_CAPABILITY=$cap: no numerics test collected" >&2
         echo "== ATEN_CPU_CAPABILITY=$cap: failed (pytest exit code $rc)" >&2
