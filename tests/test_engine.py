@@ -156,10 +156,11 @@ def test_zero3_bf16_reduces_gradients_in_fp32():
         ds_config(3, "bf16", 1.0, reduce_dtype="fp16")
 
 
-def _zero3_reduce_dtype(rank: int, port: int, results) -> None:
+def _zero3_reduce_dtype(rank: int, port: int, extensions: str, results) -> None:
     import os
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions  # holding the lock of a build that was killed
     from src.parallel.deepspeed import DeepSpeedEngine
     from src.parallel.dist import init_distributed, shutdown
 
@@ -176,16 +177,25 @@ def _zero3_reduce_dtype(rank: int, port: int, results) -> None:
     x, txt, vec, t = batch(0)
     engine.backward((engine(x, txt, vec, t).float() - x).pow(2).mean())
     results["grad_norm"] = float(engine.step())
+    import deepspeed
+
+    results["shm op built"] = deepspeed.comm.comm.cdb.shm_comm_op is not None
     shutdown()
 
 
 @pytest.mark.dist
-def test_built_zero3_engine_reduces_in_fp32():
+def test_built_zero3_engine_reduces_in_fp32_and_builds_no_shm_op(tmp_path):
     import torch.multiprocessing as mp
 
     from src.parallel.dist import _free_port
 
+    # A DeepSpeed process killed while it JIT-builds its shared-memory op leaves this lock, and every later one
+    # that builds the op waits for it forever; Kiln's ZeRO-3 start does not build it (src/parallel/deepspeed.py)
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"  # TORCH_EXTENSIONS_DIR/NAME/lock
+    lock.parent.mkdir(parents=True)
+    lock.touch()
     results = mp.Manager().dict()
-    spawn_ranks(_zero3_reduce_dtype, 1, (_free_port(), results))
+    spawn_ranks(_zero3_reduce_dtype, 1, (_free_port(), str(tmp_path), results), timeout_s=120)
     assert results["engine"] == torch.float32 and results["zero3"] == torch.float32
     assert results["grad_norm"] > 0  # a step with fp32 reduction runs (gloo)
+    assert not results["shm op built"] and lock.exists()

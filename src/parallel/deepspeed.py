@@ -30,7 +30,27 @@ def _import_deepspeed():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    _skip_unused_shm_op()
     return deepspeed
+
+
+def _skip_unused_shm_op() -> None:
+    """Keep DeepSpeed from building its shared-memory all-reduce op where it would not use it.
+
+    On the CPU accelerator, DeepSpeed's communication backend JIT-builds `deepspeed_shm_comm` in every process it
+    starts (`deepspeed.comm.torch.build_shm_op`), holding a file lock in TORCH_EXTENSIONS_DIR meanwhile: 45 s of
+    compiling on a new machine or venv, a ninja check on every later start. A process killed while it holds the
+    lock (a timeout, torchrun's SIGTERM to the peers of a failed rank) leaves the lock file behind, and every later
+    DeepSpeed start waits for it without end, printing nothing (docs/design.md, "Ending a rank"). The op is used
+    only when LOCAL_SIZE (set by DeepSpeed's own launcher, not by torchrun or srun) equals the world size, and
+    then only by `inference_all_reduce`, which training never calls: without LOCAL_SIZE it is not built."""
+    if os.environ.get("LOCAL_SIZE"):
+        return
+    import importlib
+
+    backend = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` the attribute is torch
+    if hasattr(backend, "build_shm_op"):
+        backend.build_shm_op = lambda: None  # TorchBackend then falls back to torch.distributed, as without the op
 
 
 REDUCE_DTYPES = ("fp32", "bf16")
