@@ -42,6 +42,16 @@ def spawn_ranks(worker: Callable[..., None], nprocs: int, args: tuple[Any, ...],
         )
 
 
+def spawn_for_results(worker: Callable[..., None], world: int, *args: Any) -> dict:
+    """worker(rank, world, port, *args, results) on `world` ranks (`spawn_ranks`), each writing into the shared
+    dict `results`; a copy of it once every rank has ended."""
+    from src.parallel.dist import _free_port
+
+    results = mp.Manager().dict()
+    spawn_ranks(worker, world, (world, _free_port(), *args, results))
+    return dict(results)
+
+
 def _signal(pid: int | None, sig: int) -> None:
     try:
         if pid is not None:

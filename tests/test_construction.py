@@ -13,14 +13,13 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from src.models.mmdit import MMDiT
 from src.parallel.construction import construction_for
 from src.run.param_groups import warmup_schedule
 from src.run.transitions import apply_transition
 from tests.conftest import tiny_model_kwargs
-from tests.ranks import spawn_ranks
+from tests.ranks import spawn_for_results
 
 KWARGS = {"cond_channels": 49}  # the tiny model with an I2V input: a second layer zeroed through Module.apply
 
@@ -88,14 +87,6 @@ def _build_both(device: torch.device, precision: str, init_from: str | None) -> 
     }
 
 
-def _spawn(worker, world: int, *args) -> dict:
-    from src.parallel.dist import _free_port
-
-    results = mp.Manager().dict()
-    spawn_ranks(worker, world, (world, _free_port(), *args, results))
-    return dict(results)
-
-
 def _rounded(weights: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
     """What ZeRO holds of fp32 `weights`: under bf16 its partitions and masters are the bf16-rounded values."""
     return {k: v.bfloat16().float() if precision == "bf16" else v for k, v in weights.items()}
@@ -125,7 +116,7 @@ def previous(tmp_path_factory) -> tuple[str, dict[str, torch.Tensor]]:
 def two_ranks(previous) -> dict:
     """The 2-rank cases in one spawn (each spawn costs seconds of startup): case -> rank -> _build_both."""
     cases = {"fp32": ("fp32", None), "bf16": ("bf16", None), "init_from": ("fp32", previous[0])}
-    results = _spawn(_zero3_worker, 2, cases)
+    results = spawn_for_results(_zero3_worker, 2, cases)
     return {case: {rank: results[(case, rank)] for rank in (0, 1)} for case in cases}
 
 
@@ -136,7 +127,7 @@ def test_zero3_built_under_zero_init_holds_the_seeded_weights_partitioned(world,
     seeded = MMDiT(**tiny_model_kwargs(**KWARGS)).state_dict()
     total = sum(v.numel() for v in seeded.values())
     if world == 1:
-        results = {0: _spawn(_zero3_worker, 1, {precision: (precision, None)})[(precision, 0)]}
+        results = {0: spawn_for_results(_zero3_worker, 1, {precision: (precision, None)})[(precision, 0)]}
     else:
         results = request.getfixturevalue("two_ranks")[precision]
     for rank in range(world):

@@ -21,7 +21,6 @@ import shutil
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
 
 from src.checkpoint import Moments, load_model_weights
@@ -32,7 +31,7 @@ from src.run.metrics import read_metrics
 from src.run.param_groups import ParamPlan, enter_phase, warmup_schedule
 from tests.conftest import tiny_model_kwargs
 from tests.numerics import accumulation_length, adam_moments_atol, adam_update_atol, rounding_atol
-from tests.ranks import spawn_ranks
+from tests.ranks import spawn_for_results
 from tests.test_train import EVERY_STEP, PARITY_EPS, assert_same_training, train
 
 LR, BETAS, ADAM_EPS = 1e-3, (0.9, 0.999), 1e-8
@@ -125,14 +124,6 @@ def _setup(rank: int, world: int, port: int, sp_size: int = 1):
     return init_distributed("gloo", sp_size=sp_size)
 
 
-def _spawn(worker, world: int, *args) -> dict:
-    from src.parallel.dist import _free_port
-
-    results = mp.Manager().dict()
-    spawn_ranks(worker, world, (world, _free_port(), *args, results))
-    return dict(results)
-
-
 def _step_worker(rank: int, world: int, port: int, options: dict, frozen: bool, results) -> None:
     _cases_worker(rank, world, port, {"": (options, frozen)}, results)
 
@@ -208,7 +199,7 @@ DATA_PARALLEL_CASES = {
 @pytest.fixture(scope="module")
 def data_parallel_steps() -> dict:
     """case -> rank -> results of DATA_PARALLEL_CASES, from one 2-rank spawn."""
-    results = _spawn(_cases_worker, 2, DATA_PARALLEL_CASES)
+    results = spawn_for_results(_cases_worker, 2, DATA_PARALLEL_CASES)
     return {case: {rank: results[(case, rank)] for rank in (0, 1)} for case in DATA_PARALLEL_CASES}
 
 
@@ -217,7 +208,7 @@ def data_parallel_steps() -> dict:
 @pytest.mark.parametrize("case", ["dp2", "dp2-meta", "sp2", "hsdp2x1"])
 def test_one_step_on_two_ranks_equals_the_local_engine(case, request):
     if case == "sp2":  # one sequence-parallel group of 2 ranks: a process group of its own
-        spawned = _spawn(_step_worker, 2, {"sp_size": 2}, False)
+        spawned = spawn_for_results(_step_worker, 2, {"sp_size": 2}, False)
         results = {rank: spawned[("", rank)] for rank in (0, 1)}
     else:
         results = request.getfixturevalue("data_parallel_steps")[case]
@@ -245,7 +236,7 @@ def test_compiled_and_checkpointed_blocks_under_fsdp2_step_like_the_local_engine
     # torch.compile per block (FSDP's hooks stay outside the graphs) and activation checkpointing, both applied
     # before fully_shard; on 1 rank (compiling takes about 90 s on a CPU); one step within the same rounding bounds
     options = {"compile": True, "checkpoint_double": 1, "checkpoint_single": -1}
-    out = _spawn(_step_worker, 1, options, False)[("", 0)]
+    out = spawn_for_results(_step_worker, 1, options, False)[("", 0)]
     _assert_same_step(out["rows"][0], _reference(False, 1)[0], _model().state_dict(), step=1)
 
 
@@ -303,9 +294,9 @@ def _checkpoint_worker(rank: int, world: int, port: int, folder: str, write: boo
 @pytest.mark.dist
 @pytest.mark.parametrize("written, read", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_a_checkpoint_reads_back_exactly_on_another_number_of_ranks(tmp_path, written, read):
-    saved = _spawn(_checkpoint_worker, written, str(tmp_path), True)[0]
+    saved = spawn_for_results(_checkpoint_worker, written, str(tmp_path), True)[0]
     assert saved["last_epoch"] == 2 and len(saved["moments"]) == len(saved["weights"])
-    loaded = _spawn(_checkpoint_worker, read, str(tmp_path), False)
+    loaded = spawn_for_results(_checkpoint_worker, read, str(tmp_path), False)
     for rank in range(read):
         out = loaded[rank]
         assert out["loop"] == {"step": 2, "rank": rank if rank < written else 0}  # own, else rank 0's
@@ -328,7 +319,7 @@ def test_a_checkpoint_reads_back_exactly_on_another_number_of_ranks(tmp_path, wr
 
 @pytest.mark.dist
 def test_a_checkpoint_of_another_engine_is_refused(tmp_path):
-    results = _spawn(_refusal_worker, 1, str(tmp_path))
+    results = spawn_for_results(_refusal_worker, 1, str(tmp_path))
     assert "has no fsdp2.json (written by another engine? it holds ['local_engine.pt', 'manifest.json'])" in results[0]
 
 
