@@ -229,6 +229,27 @@ def test_real_minilm_loads_strictly(minilm):
     assert minilm.describe()["model_type"] == "bert" and minilm.describe()["dim"] == 384
 
 
+def test_the_caption_memo_encodes_each_caption_once_and_returns_what_encoding_returns(minilm, monkeypatch):
+    """`memo_captions` keeps the features of the most recently used captions: a repeated caption is not encoded
+    again, and every batch gets the features that encoding it now gives (bitwise: rows do not depend on the batch)."""
+    memo = HFTextEncoder(max_length=16, canary=False, memo_captions=3)
+    assert memo.describe() == minilm.describe()  # the memo does not change what features are
+    encoded: list[str] = []
+    encode = memo.encode
+    monkeypatch.setattr(memo, "encode", lambda captions: (encoded.extend(captions), encode(captions))[1])
+    batches = [["a red square", "a cat", "a red square"], ["a cat", "a dog"], ["a bird", "a red square"], ["a cat"]]
+    for batch in batches:
+        tokens, pooled = memo(batch)
+        want_tokens, want_pooled = minilm(batch)
+        assert tokens.shape == (len(batch), 16, 384) and torch.equal(tokens, want_tokens)
+        assert torch.equal(pooled, want_pooled)
+    # a cat was used least recently when a bird came (a red square, a dog, a bird remain), so it is encoded again
+    assert encoded == ["a red square", "a cat", "a dog", "a bird", "a cat"]
+    assert list(memo._memo) == ["a bird", "a red square", "a cat"]
+    with pytest.raises(ValueError, match="memo_captions must be >= 0.*got -1"):
+        HFTextEncoder(max_length=16, canary=False, memo_captions=-1)
+
+
 # ---------------------------------------------------------------------------------------------- the canary
 
 
