@@ -56,6 +56,40 @@ def no_process_left_running():
         pytest.fail("processes left running, now killed: " + "; ".join(f"{p}: {c[:200]}" for p, c in left.items()))
 
 
+def scheduling() -> tuple[int, int]:
+    """This thread's scheduling policy and real-time priority: (os.SCHED_OTHER, 0) unless something changed them."""
+    return os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+
+
+@contextlib.contextmanager
+def keep_scheduling():
+    """Put this thread's scheduling policy back after the block. SVT-AV1 (PyAV's libsvtav1 encoder) run as root
+    moves the thread that encodes to SCHED_FIFO priority 99, and every process it starts later inherits that: a
+    rank whose gloo thread busy-polls then holds a core at real-time priority, and on 2 cores the ranks it waits
+    for, the test's timeouts and pytest-timeout's thread never run again (docs/design.md, "Real-time priority")."""
+    saved = scheduling()
+    try:
+        yield
+    finally:
+        if scheduling() != saved:
+            os.sched_setscheduler(0, saved[0], os.sched_param(saved[1]))
+
+
+@pytest.fixture(autouse=True)
+def scheduling_unchanged():
+    """Fail the test that leaves this pytest process at another scheduling policy (see `keep_scheduling`), and put
+    the policy back, so that no later test's processes inherit it."""
+    before = scheduling()
+    with keep_scheduling():
+        yield
+        after = scheduling()
+    if after != before:
+        pytest.fail(
+            f"the test left this process at scheduling policy {after[0]}, priority {after[1]} (it was {before}; "
+            f"SCHED_FIFO is {os.SCHED_FIFO}): every process started after would inherit it; now put back"
+        )
+
+
 def clean_env() -> dict[str, str]:
     """The environment for a child process, without what an in-process test's process group left behind (RANK,
     MASTER_PORT...: a child would wait for peers that never come); one OpenMP thread per process."""

@@ -21,6 +21,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from tests.conftest import keep_scheduling
+
 # Short codec names used by the tests -> the PyAV encoder that writes them.
 ENCODERS: dict[str, str] = {
     "h264": "libx264",
@@ -111,7 +113,7 @@ def make_video(
     path.parent.mkdir(parents=True, exist_ok=True)
     video = render_frames(frames, width, height, pattern, seed)
     container_format = "ipod" if path.suffix.lower() == ".m4v" else None  # ffmpeg names the .m4v muxer "ipod"
-    with av.open(str(path), mode="w", format=container_format) as container:
+    with keep_scheduling(), av.open(str(path), mode="w", format=container_format) as container:
         stream = container.add_stream(encoder, rate=fps)
         stream.width = width
         stream.height = height

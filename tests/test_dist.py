@@ -145,3 +145,15 @@ def test_a_rank_whose_peer_never_finishes_leaves_after_the_timeout_naming_it(tmp
     assert procs[0].exitcode == 0
     assert "rank 0 leaves after 3 s without ranks [1]: they never finished" in (tmp_path / "rank0.log").read_text()
     procs[1].join(timeout=60)
+
+
+def test_a_real_time_scheduling_policy_is_named(monkeypatch):
+    # init_distributed warns with this when a multi-rank job inherited real-time priority (docs/design.md)
+    from src.parallel.dist import real_time_policy
+
+    assert real_time_policy() is None  # the suite's own processes run under SCHED_OTHER (tests/conftest.py)
+    monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_FIFO)
+    monkeypatch.setattr(os, "sched_getparam", lambda pid: os.sched_param(99))
+    assert real_time_policy() == "SCHED_FIFO priority 99"
+    monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_BATCH)
+    assert real_time_policy() is None

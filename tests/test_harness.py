@@ -1,8 +1,9 @@
 """The suite's own guards: a process that outlives the test that started it, such as a rank of a torchrun killed by
 a timeout, is found, named and killed, and fails that test instead of slowing every later one (tests/conftest.py);
 a spawned rank that hangs is killed at its deadline, its stacks dumped, and the test fails naming it
-(tests/ranks.py)."""
+(tests/ranks.py); no test leaves the pytest process at real-time priority for the processes it starts later."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,9 @@ import time
 
 import pytest
 
-from tests.conftest import clean_env, left_running
+import tests.media
+from tests.conftest import clean_env, keep_scheduling, left_running, scheduling
+from tests.media import can_encode, make_video
 from tests.ranks import spawn_ranks
 
 
@@ -45,3 +48,22 @@ def test_a_hung_rank_is_killed_at_its_deadline_and_named(capfd):
     err = capfd.readouterr()
     assert "started 0" in err.out and "started 1" in err.out
     assert "in _hang_on_rank_one" in err.err  # the hung rank's Python stack, dumped before it was killed
+
+
+def test_encoding_av1_leaves_the_scheduling_policy_as_it_was(tmp_path, monkeypatch):
+    """SVT-AV1 run as root moves the encoding thread to SCHED_FIFO 99; every process started after would inherit it
+    (docs/design.md, "Real-time priority"). `make_video` puts the policy back."""
+    if not can_encode("av1") or os.geteuid() != 0:
+        pytest.skip("needs PyAV's libsvtav1 and root (only root may raise a thread to real-time priority)")
+    before = scheduling()
+    with keep_scheduling():  # the encoder alone, to show what make_video guards against
+        with monkeypatch.context() as patch:
+            patch.setattr(tests.media, "keep_scheduling", contextlib.nullcontext)
+            make_video(tmp_path / "raw.webm", "av1", frames=4, width=48, height=32)
+        raised = scheduling()
+    if raised == before:
+        pytest.skip(f"this SVT-AV1 build leaves the scheduling policy alone ({raised})")
+    assert raised == (os.SCHED_FIFO, 99), raised
+    assert scheduling() == before
+    make_video(tmp_path / "kept.webm", "av1", frames=4, width=48, height=32)
+    assert scheduling() == before

@@ -115,6 +115,16 @@ def resolve_backend(backend: str, cuda: bool) -> str:
     return backend
 
 
+def real_time_policy() -> str | None:
+    """A description of this thread's real-time scheduling policy (SCHED_FIFO or SCHED_RR, inherited from the
+    process that started it), or None under the normal policies. Seen in practice: SVT-AV1, PyAV's AV1 encoder,
+    run as root moves the encoding thread to SCHED_FIFO 99, and every process it starts after inherits it."""
+    names = {getattr(os, name): name for name in ("SCHED_FIFO", "SCHED_RR") if hasattr(os, name)}
+    if not hasattr(os, "sched_getscheduler") or (policy := os.sched_getscheduler(0)) not in names:
+        return None
+    return f"{names[policy]} priority {os.sched_getparam(0).sched_priority}"
+
+
 def init_distributed(backend: str = "auto", sp_size: int = 1, timeout_s: float | None = None) -> DistInfo:
     """Join (or create) the default process group from torchrun's environment, and the sequence-parallel groups.
 
@@ -142,6 +152,13 @@ def init_distributed(backend: str = "auto", sp_size: int = 1, timeout_s: float |
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=_TIMEOUT[0])
         if rank == 0:
             log.info("process group %s over %d rank(s), timeout %s", backend, world, _TIMEOUT[0] or "torch's default")
+        if world > 1 and (policy := real_time_policy()):
+            log.warning(
+                "rank %d runs at real-time scheduling (%s, inherited from the process that started it): a rank "
+                "busy-polling in a collective then holds its core, and on a machine with fewer cores than such "
+                "threads the ranks it waits for may never run; start the job with `chrt --other 0 ...`",
+                rank, policy,
+            )  # fmt: skip
     group = sequence_group(sp_size)
     return DistInfo(rank, world, local_rank, device, sp_size=sp_size, sp_group=group)
 
