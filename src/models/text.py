@@ -225,7 +225,7 @@ class FrozenTextEncoder(nn.Module):
 
     `forward(captions)` is `encode` behind a memo of the features of up to `memo_captions` distinct captions (least
     recently used first out; 0: none). A frozen encoder's features are a function of the caption alone, so a data
-    set whose captions repeat (the synthetic demo's 96, a fine-tune over a few hundred clips for many epochs) is
+    set whose captions repeat (the synthetic demo's 288, a fine-tune over a few hundred clips for many epochs) is
     encoded once per caption instead of at every step. Each entry costs max_length x dim x 4 bytes plus the pooled
     vector: 25 KB for MiniLM at 16 tokens, 8 MB for T5-XXL at 512.
     """
@@ -290,7 +290,7 @@ class FrozenTextEncoder(nn.Module):
         tokens, pooled, masks = [], [], []
         for start in range(0, len(prompts), CANARY_BATCH):
             chunk = list(prompts[start : start + CANARY_BATCH])
-            t, p = self(chunk)
+            t, p = self.encode(chunk)  # the encoder itself, never the memo
             tokens.append(t.float().cpu())
             pooled.append(p.float().cpu())
             masks.append(self.token_mask(chunk).cpu())
