@@ -16,6 +16,7 @@ from src.data.buckets import Bucket, BucketConfig, aspect_shapes, resolution_are
 from src.data.catalog import expand_urls, scan_shards
 from src.data.shards import VideoShardDataset, build_loader
 from src.data.synthetic import write_synthetic_shards
+from src.data.video_memo import VideoMemo
 
 CLIPS, PER_SHARD, FRAMES, SIZE = 24, 6, 12, 32
 
@@ -145,6 +146,31 @@ def test_batches_do_not_depend_on_the_worker_count(shards):
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_the_video_memo_gives_bitwise_the_same_batches_over_epochs(shards, monkeypatch):
+    """Three epochs with random starts and crops: the memo's batches (each video decoded once, every later clip
+    picked from its frames) are the decoded ones; in a worker process as in the loop's own."""
+    options = dict(seed=5, crop="random", frame_stride=2)
+    plain = take(build_loader(shards, one_bucket(batch=4), 0, 1, **options), 3 * CLIPS // 4)
+    for workers in (0, 1):
+        memo = take(build_loader(shards, one_bucket(batch=4), 0, 1, num_workers=workers, memo_mb=8, **options), 18)
+        for a, b in zip(plain, memo, strict=True):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
+    answered, fetch = [], VideoMemo.fetch  # whether the memo held each clip's video, in this process
+
+    def spy(self, *args):
+        hits = self.hits
+        held = fetch(self, *args)
+        answered.append(self.hits > hits)
+        return held
+
+    monkeypatch.setattr(VideoMemo, "fetch", spy)
+    take(build_loader(shards, one_bucket(batch=4), 0, 1, memo_mb=8, **options), 3 * CLIPS // 4)
+    assert answered == [False] * CLIPS + [True] * 2 * CLIPS  # decoded in the first epoch only
+    with pytest.raises(ValueError, match=r"data.memo_mb must be >= 0 MiB .* got -1"):
+        VideoShardDataset(shards, one_bucket(), memo_mb=-1)
 
 
 # ---------------------------------------------------------------- resume

@@ -21,6 +21,7 @@ from PIL import Image
 
 from src.data import video_frames
 from src.data.video import VideoDecodeError, clip_frames_needed, decode_clip, decode_clip_naive, fits
+from src.data.video_memo import VideoMemo
 from tests.media import can_encode
 
 GOP = 10  # keyframe interval of the test videos, so that seeks skip keyframes
@@ -203,6 +204,85 @@ def test_seeking_decodes_only_from_the_keyframe_before_the_clip(videos, monkeypa
     decoded.clear()
     decode_clip(videos["h264_mkv"], 4, 24, 32)  # from the start, stops after frame 3
     assert len(decoded) <= 4 + 3, decoded  # plus at most the B-frame reorder delay
+
+
+# ---------------------------------------------------------------- the video memo
+
+
+def outcome(data: bytes, *args, **kwargs) -> torch.Tensor | str:
+    """decode_clip's clip, or the message of the VideoDecodeError it raises."""
+    try:
+        return decode_clip(data, *args, **kwargs)
+    except VideoDecodeError as err:
+        return str(err)
+
+
+def same(a: torch.Tensor | str, b: torch.Tensor | str) -> bool:
+    return a == b if isinstance(a, str) or isinstance(b, str) else torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(VIDEOS))
+def test_a_memo_gives_bitwise_the_clips_and_errors_of_a_decode(videos, name) -> None:
+    """Random starts and crops, fps targeting, strides and windows, and too-short requests: the memo's clip (its
+    first use decodes the whole video, later ones pick from it) is the decoded clip, to the bit."""
+    data, fps = video_of(videos, name), VIDEOS[name][2]
+    memo = VideoMemo(16)
+    requests = [
+        ((5, 24, 32, 2), {}),
+        ((4, 16, 16), {"fps": fps / 2}),
+        ((3, 24, 24), {"fps": fps * 1.5, "window": (0.25, 1.5)}),
+        ((6, 20, 28, 3), {"window": (0.5, 10.0)}),
+        ((200, 8, 8), {}),  # longer than every test video: the same error
+    ]
+    for seed in range(4):
+        for args, kwargs in requests:
+            options = {"rng": random.Random(seed), "crop": "random"} | kwargs
+            decoded = outcome(data, *args, **options)
+            options["rng"] = random.Random(seed)
+            assert same(outcome(data, *args, memo=memo, **options), decoded), (seed, args, kwargs)
+    assert len(memo) == 1 and memo.misses == 1 and memo.hits == 4 * len(requests) - 1  # decoded once, all of it
+    assert memo.nbytes == VIDEOS[name][3] * 48 * 64 * 3 + len(data)
+
+
+def test_the_memo_drops_the_least_recently_used_and_never_holds_what_does_not_fit(videos) -> None:
+    frames = 60 * 48 * 64 * 3  # RGB bytes of each of these 60-frame videos; each encodes to under a tenth of that
+    memo = VideoMemo(3.5 * frames / 2**20)  # room for three
+    for name in ("h264_30", "h264_mkv", "mpeg4_mkv", "h264_30"):  # h264_30 used last: h264_mkv is the oldest
+        decode_clip(videos[name], 4, 8, 8, memo=memo)
+    assert (len(memo), memo.hits, memo.dropped) == (3, 1, 0)
+    decode_clip(videos["mpeg4_mp4"], 4, 8, 8, memo=memo)  # over the budget: the least recently used goes
+    assert (len(memo), memo.dropped) == (3, 1) and memo.nbytes <= memo.max_bytes
+    decode_clip(videos["h264_30"], 4, 8, 8, memo=memo)
+    decode_clip(videos["h264_mkv"], 4, 8, 8, memo=memo)
+    assert (memo.hits, memo.misses) == (2, 5)  # h264_mkv was the one dropped, h264_30 is still held
+    small = VideoMemo(24 * 48 * 64 * 3 / 2**20 / 2)  # half of h264_8: decoded as usual, tried once
+    for _ in range(3):
+        assert torch.equal(decode_clip(videos["h264_8"], 4, 8, 8, memo=small), decode_clip(videos["h264_8"], 4, 8, 8))
+    assert (len(small), small.misses, small.hits) == (0, 1, 0)
+    with pytest.raises(ValueError, match=r"data.memo_mb must be > 0 MiB .* got 0"):
+        VideoMemo(0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_a_damaged_video_gives_the_same_clips_and_errors_with_a_memo(videos, damage) -> None:
+    """A cut file holds the frames before the cut; bytes overwritten mid-file make FFmpeg conceal or fail. Either
+    way the memo (which holds what decodes, or refuses the video) answers as a decode does."""
+    data = bytearray(videos[name := "h264_mkv"])  # Matroska: frames before the damage still decode
+    if damage == "truncated":
+        data = data[: len(data) * 2 // 3]
+    else:
+        data[len(data) // 2 : len(data) // 2 + 400] = random.Random(0).randbytes(400)
+    data = bytes(data)
+    memo = VideoMemo(16)
+    for start, frames in [(0.0, 4), (0.5, 4), (1.2, 8), (0.0, 60)]:
+        assert same(outcome(data, frames, 8, 8, start=start, memo=memo), outcome(data, frames, 8, 8, start=start))
+    for seed in range(4):
+        kwargs = {"rng": random.Random(seed), "crop": "random", "window": (0.2, 2.0)}
+        clip = outcome(data, 6, 8, 8, **kwargs)
+        kwargs["rng"] = random.Random(seed)
+        assert same(outcome(data, 6, 8, 8, memo=memo, **kwargs), clip), (name, seed)
+    assert memo.misses == 1  # held or refused at its first use, never decoded whole again
+    assert len(memo) == (damage == "truncated")  # the overwritten bytes leave a corrupt frame: refused
 
 
 # ---------------------------------------------------------------- crops and images

@@ -34,6 +34,7 @@ from src.data.holdout import split as holdout_split
 from src.data.plan import GlobalBatch, Planner, check_fits
 from src.data.source import Batch, FeatureSpec, bucket_latent_shapes
 from src.data.video import VideoDecodeError, decode_clip, fits
+from src.data.video_memo import VideoMemo
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,17 @@ class ClipOptions:
         return fits(meta, num_frames, self.frame_stride, self.fps, clip_window(meta))
 
     def decode(
-        self, reader: MemberReader, shard: ShardInfo, sample: SampleInfo, bucket: Bucket, rng_seed: str
+        self,
+        reader: MemberReader,
+        shard: ShardInfo,
+        sample: SampleInfo,
+        bucket: Bucket,
+        rng_seed: str,
+        memo: VideoMemo | None = None,
     ) -> tuple[torch.Tensor, str]:
         """One clip (3, T, H, W) in [-1, 1] of the bucket's shape and its caption; raises VideoDecodeError,
-        UnicodeDecodeError or OSError when the sample cannot be used. Random starts and crops follow `rng_seed`."""
+        UnicodeDecodeError or OSError when the sample cannot be used. Random starts and crops follow `rng_seed`;
+        `memo` holds whole decoded videos (bitwise the same clip)."""
         media, caption = reader.read(shard, sample)
         video = decode_clip(
             media,
@@ -128,6 +136,7 @@ class ClipOptions:
             rng=random.Random(rng_seed),
             crop=self.crop,
             source_fps=declared_fps(sample.meta),
+            memo=memo,
         )  # (3, T, H, W)
         return video, caption
 
@@ -154,11 +163,14 @@ class VideoShardDataset(IterableDataset):
         shard_retries: int = 3,
         holdout: int = 0,
         val_urls: str | Sequence[str] | None = None,
+        memo_mb: float = 0,
     ):
         super().__init__()
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank must be in [0, {dp_world}), got {dp_rank}")
-        self.dp_rank, self.seed = dp_rank, seed
+        if memo_mb < 0:
+            raise ValueError(f"data.memo_mb must be >= 0 MiB (0: no memo), got {memo_mb}")
+        self.dp_rank, self.seed, self.memo_mb = dp_rank, seed, memo_mb
         self.clips = ClipOptions(fps, frame_stride, crop)
         self.skip_dir = skip_dir
         shards, self.scan_skips = scan_shards(expand_urls(urls), retries=shard_retries)
@@ -224,20 +236,21 @@ class VideoShardDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         reader = MemberReader()
+        memo = VideoMemo(self.memo_mb) if self.memo_mb else None  # this worker's (src/data/video_memo.py)
         try:
             for batch in self.planner:
                 if batch.number % workers == worker:
-                    yield self.decode_batch(batch, reader)
+                    yield self.decode_batch(batch, reader, memo)
         finally:
             reader.close()
 
-    def decode_batch(self, batch: GlobalBatch, reader: MemberReader) -> Batch:
+    def decode_batch(self, batch: GlobalBatch, reader: MemberReader, memo: VideoMemo | None = None) -> Batch:
         bucket = batch.bucket
         videos, captions, keys, valid, skips = [], [], [], [], []
         for g in batch.rank_slice(self.dp_rank):
             shard, sample = self.planner.locate(g)
             try:
-                video, caption = self.clips.decode(reader, shard, sample, bucket, f"{self.seed}/clip/{g}")
+                video, caption = self.clips.decode(reader, shard, sample, bucket, f"{self.seed}/clip/{g}", memo)
                 ok = True
             except (VideoDecodeError, UnicodeDecodeError, OSError) as err:
                 skips.append(Skip(f"{shard.url}:{sample.key}", failure_reason(err), str(err)))

@@ -48,6 +48,7 @@ from src.data.video_frames import (
     _video_stream,
     _window_frames,
 )
+from src.data.video_memo import VideoMemo
 
 CROPS = ("center", "random")
 _IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG; WebP is RIFF....WEBP
@@ -66,6 +67,7 @@ def decode_clip(
     rng: random.Random | None = None,
     crop: str = "center",
     source_fps: float | None = None,
+    memo: VideoMemo | None = None,
 ) -> torch.Tensor:
     """Decode a training clip from in-memory video (or image) bytes, decoding only the part it needs.
 
@@ -92,6 +94,8 @@ def decode_clip(
         source_fps: the video's frame rate when its container states none or a wrong one (a list's `fps`
             column, see `src.data.write`): fps, start and window are turned into source frames at this rate.
             Frame k is still the container's k-th frame; None uses the container's rate.
+        memo: whole decoded videos to pick the clip from, the video decoded into it on first use
+            (`src.data.video_memo`); the clip is bitwise the one decoded without it.
 
     Returns:
         float32 tensor of shape (3, num_frames, height, width) with values in [-1, 1].
@@ -103,8 +107,8 @@ def decode_clip(
     """
     request = _check_request(num_frames, height, width, frame_stride, fps, start, window, source_fps)
     _check_crop(crop, rng)
-    decode = _decode_image_clip if is_image(data) else _decode_video
-    frames = decode(data, request, rng)  # T x (h, w, 3) uint8
+    still = is_image(data)
+    frames = _decode_image_clip(data, request, rng) if still else _decode_video(data, request, rng, memo)  # T (h, w, 3)
     return _to_clip(frames, height, width, crop, rng)
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from av.video.reformatter import VideoReformatter
 
+from src.data.video_memo import VideoMemo
+
 # Tolerance, in source frames, for float round-off when a time is turned into a frame index.
 _EPS = 1e-6
 # A seek that lands after the clip's first frame is retried this much earlier, doubling each time (seconds).
@@ -249,14 +251,20 @@ def _decode_image_clip(data: bytes, request: _Request, rng: random.Random | None
     return list(_decode_image(data, request.num_frames))
 
 
-def _decode_video(data: bytes, request: _Request, rng: random.Random | None) -> list[np.ndarray]:
+def _decode_video(
+    data: bytes, request: _Request, rng: random.Random | None, memo: VideoMemo | None = None
+) -> list[np.ndarray]:
     """Seek and decode the clip's frames: num_frames RGB uint8 arrays (h, w, 3).
 
     Frames are placed on the source frame grid by their timestamps after a seek to the keyframe at or before
     the clip (a clip at frame 0 seeks to the first frame). When that cannot work (no frame rate, timestamps the
     container made up, input that cannot seek) the stream is decoded from its start and its frames are counted,
-    as `decode_clip` always did before it could seek.
+    as `decode_clip` always did before it could seek. With a `memo` the frames come from the whole video it holds
+    (decoded on its first use), picked as `_pick` would pick them from a decode.
     """
+    held = memo.fetch(data, _decode_all) if memo is not None else None
+    if held is not None:
+        return held.pick(_plan(request, held.clock, rng, lambda: held.frame_count(data)), request)
     with _decode_errors("video"):
         with _open(data) as container:
             stream = _video_stream(container)
@@ -271,6 +279,67 @@ def _decode_video(data: bytes, request: _Request, rng: random.Random | None) -> 
             with _open(data) as container:
                 picked = _pick(container.decode(_video_stream(container)), clock, targets, request)
         return picked
+
+
+@dataclass
+class _HeldVideo:
+    """Every frame of a video, decoded to RGB and placed on the source frame grid as `_decode_video` places them."""
+
+    clock: _Clock
+    indices: list[int]  # source frame index of each decoded frame, non-decreasing
+    frames: list[np.ndarray]  # (h, w, 3) uint8 each, all of one size
+    counted: int | None = None  # `_count_frames`, when a plan has needed it
+
+    @property
+    def nbytes(self) -> int:
+        return sum(frame.nbytes for frame in self.frames)
+
+    def frame_count(self, data: bytes) -> int:
+        """What `_plan` is told the video's length is, as `_decode_video` tells it (counted once)."""
+        if not self.clock.frames and self.counted is None:
+            self.counted = _count_frames(data, self.clock)
+        return self.clock.frames or self.counted
+
+    def pick(self, targets: list[int], request: _Request) -> list[np.ndarray]:
+        """`_pick`'s choice: clip frame j is the first frame placed at targets[j], else the last placed before it
+        (the first frame when none is); VideoDecodeError when no frame is placed at or after the last target."""
+        picked = []
+        for target in targets:
+            j = bisect.bisect_left(self.indices, target)
+            if j == len(self.indices):
+                source_fps = float(self.clock.rate) if self.clock.rate is not None else None
+                raise _too_short("it", self.indices[-1] + 1, targets[-1] + 1, source_fps, request, targets[0])
+            picked.append(self.frames[j if self.indices[j] == target or j == 0 else j - 1])
+        return picked
+
+
+def _decode_all(data: bytes, max_bytes: int) -> _HeldVideo | None:
+    """The whole video for a `VideoMemo`, or None when it is not to be held: its frames would take over
+    `max_bytes` or change size; a frame is corrupt or the decoder fails part-way (what a damaged stream decodes to
+    depends on where decoding started, and a clip may still come from its good part); its timestamps go backwards
+    or its first frame is not at the first timestamp (`_decode_video` would then place a clip's frames by a
+    partial decode or by counting, which a whole decode cannot reproduce)."""
+    try:
+        with _open(data) as container:
+            stream = _video_stream(container)
+            clock = _Clock.of(stream)
+            origin, trusted = _scan_start(container, stream) if clock.rate is not None else (0, False)
+        indices, frames, nbytes, index = [], [], 0, None
+        reformatter = VideoReformatter()
+        with _open(data) as container:
+            for frame in container.decode(_video_stream(container)):
+                index = _place(frame, clock, index, origin if trusted else None)
+                size = (frame.width, frame.height)
+                if frame.is_corrupt or (frames and frames[0].shape[1::-1] != size) or (not frames and index != 0):
+                    return None
+                frames.append(_rgb(frame, size, reformatter))
+                indices.append(index)
+                nbytes += frames[-1].nbytes
+                if nbytes > max_bytes:
+                    return None
+    except (av.FFmpegError, ValueError, OSError, EOFError, _BadTimestamps):
+        return None
+    return _HeldVideo(clock, indices, frames) if frames else None
 
 
 def _count_frames(data: bytes, clock: _Clock) -> int:
