@@ -7,7 +7,9 @@ their timestamps, index = round((pts - pts of the first frame) * time_base * sou
 clip's last frame. Where timestamps are missing or made up by the container (H.264 in AVI), or the input cannot
 seek, the stream is decoded from its start and its frames are counted instead. `_naive_picks` chooses the frames
 for `decode_clip_naive` from a full decode, by timestamp, as an independent check. `_rgb` converts frames to RGB
-and `_to_clip` resizes them to cover the clip, crops and scales them to [-1, 1].
+and `_to_clip` resizes them to cover the clip, crops and scales them to [-1, 1]. For a `VideoMemo`
+(`src.data.video_memo`), `_decode_all` decodes a whole video once into a `_HeldVideo`, which picks each later
+clip's frames by `_pick`'s rules.
 
 The public API, and which frames a clip takes, are in `src.data.video`.
 """
@@ -264,7 +266,8 @@ def _decode_video(
     """
     held = memo.fetch(data, _decode_all) if memo is not None else None
     if held is not None:
-        return held.pick(_plan(request, held.clock, rng, lambda: held.frame_count(data)), request)
+        with _decode_errors("video"):  # counting the frames of a stream that does not store them demuxes it
+            return held.pick(_plan(request, held.clock, rng, lambda: held.frame_count(data)), request)
     with _decode_errors("video"):
         with _open(data) as container:
             stream = _video_stream(container)
