@@ -66,7 +66,6 @@ class VideoMemo:
             self.nbytes -= old.nbytes + len(key)
             self.dropped += 1
             if self.dropped == 1:
-                log.info("video memo full (%d videos, %.0f MiB of data.memo_mb=%g): the least recently used are "
-                         "dropped and decoded again when asked for", len(self._held) + 1,
-                         (self.nbytes + old.nbytes + len(key)) / MIB, self.max_bytes / MIB)  # fmt: skip
+                log.info("video memo full at data.memo_mb=%g (%d videos held): the least recently used are dropped "
+                         "and decoded again when asked for", self.max_bytes / MIB, len(self._held))  # fmt: skip
         return held
